@@ -1,0 +1,124 @@
+#!/usr/bin/env python
+"""GPU smoke test of the real workload, with no downloads.
+
+Builds a Stable-Diffusion-1.5-sized UNet2DConditionModel from its config (random weights, ~860M
+parameters), a small VAE with SD's 8x downsampling and a one-layer 768-wide CLIP text encoder, saves
+them as a StableDiffusionPipeline, then runs ``diffdistill distill --method lcm`` on 64x64x4 latents
+(512x512 images) with fp16 mixed precision and SDPA attention (xformers too when installed), and
+prints it/s, peak GPU memory and the loss trend; the 4-step export is reloaded and sampled.
+
+    python benchmarks/gpu_smoke.py --output /tmp/smoke          # GPU: SD-1.5 size, 50 steps
+    python benchmarks/gpu_smoke.py --tiny --output /tmp/smoke   # CPU: tiny sizes, same code path
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+SD15_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=768, attention_head_dim=8,
+)
+TINY_UNET = dict(
+    sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32,
+)
+
+
+def build_teacher(folder: Path, tiny: bool) -> None:
+    """Random-weight SD pipeline: SD-1.5 UNet (or tiny), small VAE with 8x downsampling, 1-layer text encoder."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from diffdistill.digits_sd import build_scheduler, build_tokenizer
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**(TINY_UNET if tiny else SD15_UNET))
+    width = unet.config.cross_attention_dim
+    tokenizer = build_tokenizer(folder.parent / "tokenizer-src")
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=1,
+        num_attention_heads=4 if tiny else 12, max_position_embeddings=tokenizer.model_max_length,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
+                        down_block_types=("DownEncoderBlock2D",) * (2 if tiny else 4),
+                        up_block_types=("UpDecoderBlock2D",) * (2 if tiny else 4),
+                        block_out_channels=(32, 32) if tiny else (32, 32, 64, 64), norm_num_groups=32,
+                        sample_size=16 if tiny else 512)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=build_scheduler(), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--output", type=Path, required=True, help="folder for the run and results.json")
+    p.add_argument("--tiny", action="store_true", help="tiny sizes and fp32 on CPU (the tested path)")
+    p.add_argument("--steps", type=int, default=50, help="distillation steps (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=8, help="batch size (default: %(default)s)")
+    args = p.parse_args(argv)
+
+    from diffdistill.config import build_run_config
+    from diffdistill.distill import run_distill
+
+    cuda = torch.cuda.is_available() and not args.tiny
+    import importlib.util
+
+    xformers = cuda and importlib.util.find_spec("xformers") is not None
+    args.output.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        teacher = Path(tmp) / "teacher"
+        t0 = time.time()
+        build_teacher(teacher, args.tiny)
+        build_s = time.time() - t0
+        run = build_run_config({}, {
+            "method": "lcm", "teacher": str(teacher), "output": str(args.output / "run"), "steps": 4,
+            "overwrite": True, "benchmark_samples": 0,
+            "max_train_steps": args.steps, "batch_size": args.batch_size, "learning_rate": 1e-5,
+            "lr_warmup_steps": 0, "mixed_precision": "fp16" if cuda else "no", "enable_xformers": xformers,
+            "checkpointing_steps": 0, "validation_steps": 0, "log_every": 1, "resolution": 16 if args.tiny else 512,
+            "dataset": "digits", "w_min": 3.0, "w_max": 9.0, "ema_decay": 0.95,
+        })
+        t1 = time.time()
+        summary = run_distill(run)
+        total_s = time.time() - t1
+    rows = list(csv.DictReader((args.output / "run" / "logs.csv").open()))
+    losses = [float(r["loss"]) for r in rows]
+    k = max(1, len(losses) // 5)
+    result = {
+        "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+        "mixed_precision": run.train.mixed_precision, "attention": "xformers" if xformers else "sdpa",
+        "batch_size": args.batch_size, "latents": "4x64x64" if not args.tiny else "4x8x8",
+        "train_steps": summary["train_steps"], "it_per_s": float(rows[-1]["it_per_s"]),
+        "peak_memory_mb": summary["peak_memory_mb"], "memory_kind": summary["memory_kind"],
+        "loss_first": sum(losses[:k]) / k, "loss_last": sum(losses[-k:]) / k,
+        "loss_trend": [round(x, 5) for x in losses[:: max(1, len(losses) // 10)]],
+        "build_teacher_s": round(build_s, 1), "distill_and_export_s": round(total_s, 1),
+        "export": summary.get("pipeline"),
+    }
+    from diffusers import UNet2DConditionModel
+
+    result["unet_params_M"] = round(sum(p.numel() for p in UNet2DConditionModel.from_pretrained(
+        str(args.output / "run" / "pipeline"), subfolder="unet").parameters()) / 1e6, 1)
+    (args.output / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,231 @@
+"""Run configuration: dataclasses validated in ``__post_init__``, a YAML file, and ``--flag`` overrides.
+
+Precedence: dataclass defaults < ``--config FILE.yaml`` < command-line flags. The resolved config is
+saved as ``config.yaml`` in the run folder, so every run can be reproduced from its own output.
+
+Every field carries its help text in ``metadata["help"]``; the CLI turns each field into a flag
+(``learning_rate`` -> ``--learning-rate``) so help text and defaults live in exactly one place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import UserError, require
+
+MIXED_PRECISION = ("no", "fp16", "bf16")
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+
+
+def opt(default: Any, help: str, **kw) -> Any:
+    """A dataclass field with help text (shown by ``--help``)."""
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    """What the shared trainer needs: optimiser, schedule, precision, checkpoints, validation."""
+
+    max_train_steps: int = opt(1000, "optimiser steps to train for")
+    batch_size: int = opt(32, "batch size per process (per device)")
+    learning_rate: float = opt(1e-5, "peak learning rate of AdamW")
+    lr_scheduler: str = opt("constant_with_warmup", f"learning-rate schedule (diffusers get_scheduler): {', '.join(LR_SCHEDULERS)}")
+    lr_warmup_steps: int = opt(100, "linear warm-up steps of the learning rate")
+    adam_beta1: float = opt(0.9, "AdamW beta1")
+    adam_beta2: float = opt(0.999, "AdamW beta2")
+    adam_epsilon: float = opt(1e-8, "AdamW epsilon")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    gradient_accumulation_steps: int = opt(1, "micro-batches accumulated per optimiser step")
+    max_grad_norm: float = opt(1.0, "gradient clipping norm (0 disables clipping)")
+    mixed_precision: str = opt("no", "mixed precision through accelerate: no, fp16 or bf16")
+    gradient_checkpointing: bool = opt(False, "trade compute for memory in the student UNet")
+    enable_xformers: bool = opt(False, "use xformers memory-efficient attention (needs the [gpu] extra)")
+    torch_compile: bool = opt(False, "compile the trained networks with torch.compile (inductor, through accelerate)")
+    seed: int = opt(0, "seed for weights, noise and data order")
+    checkpointing_steps: int = opt(500, "save a resumable checkpoint every N steps (0: only at the end)")
+    checkpoints_total_limit: int = opt(2, "keep at most this many checkpoints (0: keep all)")
+    resume_from_checkpoint: str = opt("", "'latest' or a checkpoint folder to resume from ('' starts fresh)")
+    validation_steps: int = opt(250, "save a sample grid PNG every N steps (0: only at the end)")
+    log_every: int = opt(10, "write a log row every N steps")
+    student_ema_decay: float = opt(0.0, "keep an EMA of the student for export with this decay (0: off)")
+    report_to: str = opt("csv", "where logs go: csv, tensorboard, or csv,tensorboard")
+
+    def __post_init__(self):
+        for name in ("max_train_steps", "batch_size", "gradient_accumulation_steps", "log_every"):
+            require(getattr(self, name) > 0, f"{_flag(name)} must be > 0, got {getattr(self, name)}")
+        for name in ("lr_warmup_steps", "checkpointing_steps", "checkpoints_total_limit", "validation_steps"):
+            require(getattr(self, name) >= 0, f"{_flag(name)} must be >= 0, got {getattr(self, name)}")
+        require(self.learning_rate > 0, f"--learning-rate must be > 0, got {self.learning_rate}")
+        require(self.max_grad_norm >= 0, f"--max-grad-norm must be >= 0, got {self.max_grad_norm}")
+        require(self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}")
+        require(0 <= self.student_ema_decay < 1, f"--student-ema-decay must be in [0, 1), got {self.student_ema_decay}")
+        require(self.mixed_precision in MIXED_PRECISION,
+                f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}")
+        require(self.lr_scheduler in LR_SCHEDULERS,
+                f"--lr-scheduler must be one of {', '.join(LR_SCHEDULERS)}, got {self.lr_scheduler!r}")
+        for r in self.report_to.split(","):
+            require(r in ("csv", "tensorboard", ""), f"--report-to must be csv and/or tensorboard, got {self.report_to!r}")
+
+
+@dataclass
+class DataConfig:
+    """Where training images, captions or prompts come from (see diffdistill.data)."""
+
+    dataset: str = opt("digits", "'digits' (built in), an image folder with metadata.jsonl, a HF dataset name or "
+                                 "path, webdataset shards (*.tar, brace patterns allowed), or a prompts .txt file")
+    image_column: str = opt("image", "image column of a HF dataset / imagefolder")
+    caption_column: str = opt("text", "caption column of a HF dataset / imagefolder")
+    resolution: int = opt(0, "training image size in pixels (0: the teacher's native size)")
+    max_samples: int = opt(0, "use at most this many examples (0: all)")
+    dataloader_num_workers: int = opt(0, "DataLoader worker processes")
+    uncond_prob: float = opt(0.0, "probability of replacing a caption by the empty prompt")
+
+    def __post_init__(self):
+        require(bool(self.dataset), "--dataset must not be empty")
+        require(self.resolution >= 0, f"--resolution must be >= 0, got {self.resolution}")
+        require(self.max_samples >= 0, f"--max-samples must be >= 0, got {self.max_samples}")
+        require(self.dataloader_num_workers >= 0, f"--dataloader-num-workers must be >= 0, got {self.dataloader_num_workers}")
+        require(0 <= self.uncond_prob < 1, f"--uncond-prob must be in [0, 1), got {self.uncond_prob}")
+
+
+@dataclass
+class RunConfig:
+    """One distillation run: teacher, method, target step count, output folder and the parts above."""
+
+    method: str = opt("lcm", "distillation method")
+    teacher: str = opt("assets/digits-sd", "teacher: a diffusers Stable Diffusion folder or hub id")
+    output: str = opt("", "run folder (pipeline/, checkpoints/, samples/, logs)")
+    steps: int = opt(4, "sampling steps the exported student is made for")
+    overwrite: bool = opt(False, "replace a finished export in --output")
+    revision: str = opt("", "hub revision of the teacher ('' = default branch)")
+    variant: str = opt("", "weights variant of the teacher, e.g. fp16 ('' = default)")
+    local_files_only: bool = opt(False, "never contact the hub for the teacher (set HF_HUB_OFFLINE=1 for the same)")
+    recommended_guidance_scale: float = opt(-1.0, "guidance scale written into the exported preset and card (-1: the method's choice)")
+    benchmark_samples: int = opt(200, "samples per step count for the FID table of the model card (0: skip)")
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    method_args: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        require(self.steps > 0, f"--steps must be > 0, got {self.steps}")
+        require(bool(self.teacher), "--teacher must not be empty")
+        require(self.benchmark_samples >= 0, f"--benchmark-samples must be >= 0, got {self.benchmark_samples}")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _resolve_type(tp: Any) -> type:
+    """The plain Python type of a dataclass field annotation (``int | None`` -> int)."""
+    if isinstance(tp, str):
+        tp = eval(tp, {"dict": dict, "list": list})  # our own annotations only: int, float, str, bool, dict
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _resolve_type(args[0])
+    return tp
+
+
+def _optional(tp: Any) -> bool:
+    """Whether an annotation admits None (``int | None``)."""
+    return type(None) in typing.get_args(tp)
+
+
+def coerce(value: Any, tp: type, name: str) -> Any:
+    """Convert a YAML or command-line value to the field's type, with a one-line error naming the field."""
+    tp = _resolve_type(tp)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise UserError(f"{_flag(name)} expects true/false, got {value!r}")
+    if tp in (int, float):
+        if isinstance(value, bool):
+            raise UserError(f"{_flag(name)} expects a number, got {value!r}")
+        try:
+            v = float(value) if tp is float else int(str(value), 10) if isinstance(value, str) else value
+        except (TypeError, ValueError):
+            raise UserError(f"{_flag(name)} expects {'an integer' if tp is int else 'a number'}, got {value!r}") from None
+        if tp is int and (not isinstance(v, int) or isinstance(v, bool)):
+            if isinstance(v, float) and v.is_integer():
+                return int(v)
+            raise UserError(f"{_flag(name)} expects an integer, got {value!r}")
+        return v
+    if tp is str:
+        return "" if value is None else str(value)
+    return value
+
+
+def build_dataclass(cls, values: dict, where: str):
+    """Instantiate ``cls`` from a dict, rejecting unknown keys and coercing types (validation in __post_init__)."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    require(not unknown, f"unknown option(s) {', '.join(unknown)} in {where}; valid: {', '.join(sorted(fields))}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {k: None if v is None and _optional(hints[k]) else coerce(v, hints[k], k) for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def load_yaml(path: str | Path) -> dict:
+    """Read a YAML preset (a mapping); one-line errors for a missing or malformed file."""
+    p = Path(path)
+    require(p.is_file(), f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    require(isinstance(data, dict), f"config file {path} must hold a mapping, got {type(data).__name__}")
+    return data
+
+
+SECTIONS = {"train": TrainConfig, "data": DataConfig}
+
+
+def build_run_config(yaml_values: dict, overrides: dict) -> RunConfig:
+    """Merge YAML sections (top level, ``train:``, ``data:``, ``method_args:``) with flat CLI overrides.
+
+    A flat override goes to whichever part owns that name: the run, the trainer, the data, or else
+    the method's own config (checked later against the method's dataclass).
+    """
+    top = {k: v for k, v in yaml_values.items() if k not in SECTIONS and k != "method_args"}
+    sections = {name: dict(yaml_values.get(name) or {}) for name in SECTIONS}
+    for name, v in sections.items():
+        require(isinstance(v, dict), f"'{name}:' in the config file must be a mapping")
+    method_args = dict(yaml_values.get("method_args") or {})
+    run_fields = {f.name for f in dataclasses.fields(RunConfig)} - set(SECTIONS) - {"method_args"}
+    section_fields = {name: {f.name for f in dataclasses.fields(cls)} for name, cls in SECTIONS.items()}
+    for k, v in overrides.items():
+        if k in run_fields:
+            top[k] = v
+        elif (sec := next((s for s, f in section_fields.items() if k in f), None)) is not None:
+            sections[sec][k] = v
+        else:
+            method_args[k] = v
+    train = build_dataclass(TrainConfig, sections["train"], "train settings")
+    data = build_dataclass(DataConfig, sections["data"], "data settings")
+    unknown_top = sorted(set(top) - run_fields)
+    require(not unknown_top, f"unknown option(s) {', '.join(unknown_top)} in the config file")
+    run = build_dataclass(RunConfig, {**top, "train": train, "data": data, "method_args": method_args}, "run settings")
+    return run
+
+
+def to_dict(cfg) -> dict:
+    """A dataclass (nested) as plain dict, for YAML/JSON."""
+    return dataclasses.asdict(cfg)
+
+
+def save_yaml(data: dict, path: Path) -> None:
+    """Write a mapping as YAML (keys in definition order)."""
+    path.write_text(yaml.safe_dump(data, sort_keys=False))

@@ -1,0 +1,215 @@
+"""Training data sources. Every source yields plain dicts ``{"pixel_values": (3, H, W) in [-1, 1], "prompt": str}``
+(prompt-only sources leave out ``pixel_values``).
+
+Sources, chosen from ``DataConfig.dataset``:
+  * ``digits``: the built-in scikit-learn handwritten digits with captions ``a handwritten digit K``;
+  * a folder with ``metadata.jsonl`` (HF ``imagefolder`` layout: ``{"file_name": ..., "text": ...}`` per line);
+  * webdataset shards: ``*.tar`` files (brace patterns like ``data-{000..009}.tar`` allowed) holding
+    ``KEY.jpg|png|webp`` + ``KEY.txt`` pairs, read with the standard library;
+  * a ``.txt`` file: one prompt per line, no images;
+  * anything else: a HF dataset name or path, through the optional ``datasets`` package.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import tarfile
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from .config import DataConfig
+from .errors import UserError, require
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def _to_tensor(image, resolution: int) -> torch.Tensor:
+    """PIL image -> (3, R, R) in [-1, 1]: resize the short side, centre crop (the SD training recipe)."""
+    import numpy as np
+    from PIL import Image
+
+    image = image.convert("RGB")
+    if resolution:
+        w, h = image.size
+        scale = resolution / min(w, h)
+        image = image.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))), Image.BICUBIC)
+        w, h = image.size
+        left, top = (w - resolution) // 2, (h - resolution) // 2
+        image = image.crop((left, top, left + resolution, top + resolution))
+    arr = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1)
+    return arr / 127.5 - 1.0
+
+
+class DigitsDataset(Dataset):
+    """The built-in digits: (3, 32, 32) images and their captions."""
+
+    def __init__(self, resolution: int = 0):
+        from .digits import digit_caption, load_digits_32
+
+        images, labels = load_digits_32()
+        self.images, self.captions = images, [digit_caption(int(k)) for k in labels]
+        self.resolution = resolution if resolution and resolution != images.shape[-1] else 0
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def __getitem__(self, i: int) -> dict:
+        image = self.images[i]
+        if self.resolution:  # upscaled per item: the whole set at 512 px would need gigabytes
+            image = torch.nn.functional.interpolate(image[None], size=(self.resolution,) * 2, mode="nearest")[0]
+        return {"pixel_values": image, "prompt": self.captions[i]}
+
+
+class ImageFolderDataset(Dataset):
+    """An image folder with ``metadata.jsonl`` (the HF imagefolder layout)."""
+
+    def __init__(self, root: Path, caption_column: str, resolution: int):
+        meta = root / "metadata.jsonl"
+        require(meta.is_file(), f"image folder {root} has no metadata.jsonl")
+        self.items = []
+        for n, line in enumerate(meta.read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                raise UserError(f"{meta}:{n} is not valid JSON") from None
+            require("file_name" in row and caption_column in row,
+                    f"{meta}:{n} needs 'file_name' and '{caption_column}' keys")
+            require((root / row["file_name"]).is_file(), f"{meta}:{n}: image {row['file_name']} not found")
+            self.items.append((root / row["file_name"], str(row[caption_column])))
+        require(bool(self.items), f"{meta} lists no images")
+        self.resolution = resolution
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        from PIL import Image
+
+        path, caption = self.items[i]
+        with Image.open(path) as im:
+            return {"pixel_values": _to_tensor(im, self.resolution), "prompt": caption}
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """Expand webdataset brace ranges: ``a-{000..002}.tar`` -> [a-000.tar, a-001.tar, a-002.tar]."""
+    m = re.search(r"\{(\d+)\.\.(\d+)\}", pattern)
+    if not m:
+        return [pattern]
+    lo, hi, width = int(m.group(1)), int(m.group(2)), len(m.group(1))
+    out = []
+    for k in range(lo, hi + 1):
+        out += expand_braces(pattern[: m.start()] + str(k).zfill(width) + pattern[m.end():])
+    return out
+
+
+class TarShardDataset(Dataset):
+    """webdataset-style tar shards of ``KEY.{jpg,png,...}`` + ``KEY.txt`` pairs (loaded into memory index)."""
+
+    def __init__(self, pattern: str, resolution: int):
+        shards = expand_braces(pattern)
+        missing = [s for s in shards if not Path(s).is_file()]
+        require(not missing, f"webdataset shard not found: {', '.join(missing[:3])}")
+        self.samples: list[tuple[bytes, str]] = []
+        for shard in shards:
+            groups: dict[str, dict[str, bytes]] = {}
+            try:
+                with tarfile.open(shard) as tar:
+                    for member in tar.getmembers():
+                        if not member.isfile():
+                            continue
+                        key, _, ext = member.name.rpartition(".")
+                        groups.setdefault(key, {})["." + ext.lower()] = tar.extractfile(member).read()
+            except tarfile.TarError as e:
+                raise UserError(f"{shard} is not a readable tar shard: {e}") from None
+            for _key, parts in sorted(groups.items()):
+                img = next((parts[s] for s in IMAGE_SUFFIXES if s in parts), None)
+                if img is not None and ".txt" in parts:
+                    self.samples.append((img, parts[".txt"].decode("utf-8").strip()))
+        require(bool(self.samples), f"no image+.txt pairs found in {pattern}")
+        self.resolution = resolution
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> dict:
+        from PIL import Image
+
+        data, caption = self.samples[i]
+        with Image.open(io.BytesIO(data)) as im:
+            return {"pixel_values": _to_tensor(im, self.resolution), "prompt": caption}
+
+
+class PromptDataset(Dataset):
+    """Prompts only, one per line of a text file (for methods that generate their own images)."""
+
+    def __init__(self, path: Path):
+        self.prompts = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+        require(bool(self.prompts), f"prompt file {path} is empty")
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"prompt": self.prompts[i]}
+
+
+class HFDataset(Dataset):
+    """A HF ``datasets`` dataset (by name or local path), train split."""
+
+    def __init__(self, name: str, image_column: str, caption_column: str, resolution: int):
+        try:
+            import datasets
+        except ImportError:
+            raise UserError(f"--dataset {name!r} is not a local folder or file; reading HF datasets needs "
+                            "`pip install datasets` (or diffdistill[data])") from None
+        try:
+            ds = datasets.load_dataset(name, split="train")
+        except Exception as e:  # noqa: BLE001 - datasets raises many types; the user needs one line
+            raise UserError(f"cannot load dataset {name!r}: {str(e).splitlines()[0]}") from None
+        for col in (image_column, caption_column):
+            require(col in ds.column_names, f"dataset {name!r} has no column {col!r}; columns: {ds.column_names}")
+        self.ds, self.image_column, self.caption_column, self.resolution = ds, image_column, caption_column, resolution
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> dict:
+        row = self.ds[i]
+        return {"pixel_values": _to_tensor(row[self.image_column], self.resolution), "prompt": str(row[self.caption_column])}
+
+
+def build_dataset(cfg: DataConfig, resolution: int) -> Dataset:
+    """The dataset named by ``cfg.dataset`` at ``resolution`` pixels (cfg.resolution overrides it)."""
+    res = cfg.resolution or resolution
+    src = cfg.dataset
+    p = Path(src)
+    if src == "digits":
+        ds: Dataset = DigitsDataset(res)
+    elif p.is_dir():
+        ds = ImageFolderDataset(p, cfg.caption_column, res)
+    elif src.endswith(".tar") or re.search(r"\.tar$", src.replace("}", "")):
+        ds = TarShardDataset(src, res)
+    elif src.endswith(".txt"):
+        require(p.is_file(), f"prompt file not found: {src}")
+        ds = PromptDataset(p)
+    elif p.suffix or src.startswith((".", "/")):
+        raise UserError(f"--dataset {src!r}: no such folder or file")
+    else:
+        ds = HFDataset(src, cfg.image_column, cfg.caption_column, res)
+    if cfg.max_samples and cfg.max_samples < len(ds):
+        ds = torch.utils.data.Subset(ds, range(cfg.max_samples))
+    return ds
+
+
+def collate(items: list[dict]) -> dict:
+    """Stack images, keep prompts as a list of strings."""
+    batch: dict = {"prompt": [it["prompt"] for it in items]}
+    if "pixel_values" in items[0]:
+        batch["pixel_values"] = torch.stack([it["pixel_values"] for it in items])
+    return batch

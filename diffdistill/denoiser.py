@@ -1,0 +1,230 @@
+"""The one home of diffusion parameterisation maths in diffdistill.
+
+Everything that turns a network output into a clean-sample or noise estimate lives here, and
+training, sampling and export all read it from here:
+
+* the variance-preserving noise schedule x_t = alpha_t * x_0 + sigma_t * eps, read from a
+  diffusers scheduler's ``alphas_cumprod`` (``NoiseSchedule``);
+* conversions between epsilon, v and x0 ("sample") parameterisations (Salimans & Ho 2022, eq. 2);
+* classifier-free guidance (Ho & Salimans 2022) and the guidance embedding that diffusers'
+  ``StableDiffusionPipeline`` feeds a UNet with ``time_cond_proj_dim`` (it embeds
+  ``guidance_scale - 1``);
+* consistency-model boundary scalings c_skip, c_out (Song et al. 2023, eq. 7; the discrete form
+  used by Latent Consistency Models and diffusers' ``LCMScheduler``);
+* ``Denoiser``: a thin wrapper around a diffusers UNet that returns (x0, eps) for any prediction
+  type, optionally guided, batching the conditional and unconditional passes into one call.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+# LCM's boundary-condition constants (Luo et al. 2023, sec. 4.1; diffusers LCMScheduler defaults).
+SIGMA_DATA = 0.5
+TIMESTEP_SCALING = 10.0
+
+
+def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Reshape a per-sample vector (B,) or scalar to broadcast against ``like`` (B, C, H, W)."""
+    v = torch.as_tensor(v, device=like.device, dtype=like.dtype)
+    if v.ndim == 0:
+        return v
+    return v.reshape(v.shape[0], *([1] * (like.ndim - 1)))
+
+
+@dataclass
+class NoiseSchedule:
+    """A discrete VP schedule: alpha_t = sqrt(alphas_cumprod[t]), sigma_t = sqrt(1 - alphas_cumprod[t]).
+
+    ``final_alphas_cumprod`` is what a timestep < 0 (the step past t=0) means; diffusers' DDIM uses
+    ``alphas_cumprod[0]`` when ``set_alpha_to_one=False`` and 1.0 (sigma = 0, the clean sample) otherwise.
+    """
+
+    alphas_cumprod: torch.Tensor  # (T,)
+    final_alphas_cumprod: float = 1.0
+
+    @classmethod
+    def from_scheduler(cls, scheduler, final_alphas_cumprod: float | None = None) -> NoiseSchedule:
+        """Read the schedule of any diffusers scheduler that has ``alphas_cumprod`` (DDPM, DDIM, Euler, LCM, ...)."""
+        acp = scheduler.alphas_cumprod.detach().to(torch.float64).clone()
+        if final_alphas_cumprod is None:
+            final = getattr(scheduler, "final_alpha_cumprod", None)
+            final_alphas_cumprod = float(final) if final is not None else 1.0
+        return cls(acp, float(final_alphas_cumprod))
+
+    @property
+    def num_train_timesteps(self) -> int:
+        """T, the number of discrete training timesteps."""
+        return int(self.alphas_cumprod.shape[0])
+
+    def alphas_cumprod_at(self, t: torch.Tensor | int) -> torch.Tensor:
+        """alphas_cumprod at integer timesteps; t < 0 gives ``final_alphas_cumprod``."""
+        t = torch.as_tensor(t, device=self.alphas_cumprod.device).long()
+        acp = self.alphas_cumprod[t.clamp(min=0)]
+        return torch.where(t < 0, torch.full_like(acp, self.final_alphas_cumprod), acp)
+
+    def alpha_sigma(self, t: torch.Tensor | int, like: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(alpha_t, sigma_t); with ``like`` they are cast and shaped to broadcast against it."""
+        acp = self.alphas_cumprod_at(t)
+        alpha, sigma = acp.sqrt(), (1.0 - acp).sqrt()
+        if like is not None:
+            alpha, sigma = _bcast(alpha, like), _bcast(sigma, like)
+        return alpha, sigma
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Forward process q(x_t | x_0): alpha_t x_0 + sigma_t eps (same as DDPMScheduler.add_noise)."""
+        alpha, sigma = self.alpha_sigma(t, like=x0)
+        return alpha * x0 + sigma * noise
+
+
+def to_x0_eps(
+    model_output: torch.Tensor, x_t: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor, prediction_type: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Convert a network output of ``prediction_type`` at x_t into (x0, eps) estimates."""
+    if prediction_type == "epsilon":
+        eps = model_output
+        x0 = (x_t - sigma * eps) / alpha
+    elif prediction_type == "v_prediction":
+        # v = alpha * eps - sigma * x0  =>  x0 = alpha x_t - sigma v,  eps = sigma x_t + alpha v
+        x0 = alpha * x_t - sigma * model_output
+        eps = sigma * x_t + alpha * model_output
+    elif prediction_type == "sample":
+        x0 = model_output
+        eps = (x_t - alpha * x0) / sigma
+    else:
+        raise ValueError(f"unknown prediction_type {prediction_type!r}; expected one of {PREDICTION_TYPES}")
+    return x0, eps
+
+
+def from_x0_eps(
+    x0: torch.Tensor, eps: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor, prediction_type: str
+) -> torch.Tensor:
+    """The network output of ``prediction_type`` that corresponds to the pair (x0, eps)."""
+    if prediction_type == "epsilon":
+        return eps
+    if prediction_type == "v_prediction":
+        return alpha * eps - sigma * x0
+    if prediction_type == "sample":
+        return x0
+    raise ValueError(f"unknown prediction_type {prediction_type!r}; expected one of {PREDICTION_TYPES}")
+
+
+def apply_cfg(uncond: torch.Tensor, cond: torch.Tensor, guidance_scale: torch.Tensor | float) -> torch.Tensor:
+    """Classifier-free guidance uncond + w (cond - uncond), diffusers' convention (w = 1: no guidance)."""
+    w = _bcast(guidance_scale, cond) if torch.is_tensor(guidance_scale) else guidance_scale
+    return uncond + w * (cond - uncond)
+
+
+def guidance_embedding(guidance_scale: torch.Tensor, dim: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The UNet ``timestep_cond`` for a guidance scale w: a sinusoidal embedding of (w - 1) * 1000.
+
+    This is the convention of diffusers' StableDiffusionPipeline (it embeds ``guidance_scale - 1``
+    with ``get_guidance_scale_embedding``, VDM-style), so a student distilled for w samples with
+    ``guidance_scale=w`` in plain diffusers. Returns (B, dim).
+    """
+    w = (torch.as_tensor(guidance_scale).reshape(-1).to(torch.float32) - 1.0) * 1000.0
+    half = dim // 2
+    freqs = torch.exp(torch.arange(half, dtype=dtype, device=w.device) * -(math.log(10000.0) / (half - 1)))
+    args = w.to(dtype)[:, None] * freqs[None, :]
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+    if dim % 2 == 1:
+        emb = torch.nn.functional.pad(emb, (0, 1))
+    return emb
+
+
+def consistency_scalings(
+    t: torch.Tensor, sigma_data: float = SIGMA_DATA, timestep_scaling: float = TIMESTEP_SCALING
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Boundary scalings (c_skip, c_out) at discrete timesteps t, so f(x, t) = c_skip x + c_out x0_hat.
+
+    c_skip(0) = 1 and c_out(0) = 0 make f the identity at t = 0 (the consistency boundary condition);
+    ``timestep_scaling`` sharpens the transition (LCM uses 10), exactly as LCMScheduler does.
+    """
+    s = torch.as_tensor(t, dtype=torch.float64) * timestep_scaling
+    c_skip = sigma_data**2 / (s**2 + sigma_data**2)
+    c_out = s / (s**2 + sigma_data**2) ** 0.5
+    return c_skip, c_out
+
+
+def consistency_output(
+    x_t: torch.Tensor, x0_hat: torch.Tensor, t: torch.Tensor, timestep_scaling: float = TIMESTEP_SCALING
+) -> torch.Tensor:
+    """f(x_t, t) = c_skip(t) x_t + c_out(t) x0_hat: the consistency function's output at timesteps t."""
+    c_skip, c_out = consistency_scalings(t, timestep_scaling=timestep_scaling)
+    return _bcast(c_skip, x_t) * x_t + _bcast(c_out, x_t) * x0_hat
+
+
+class Denoiser:
+    """A diffusers UNet seen as a denoiser: (x_t, t, text embedding) -> (x0, eps) estimates.
+
+    ``guidance_scale`` set and the UNet has no guidance embedding: classifier-free guidance with the
+    conditional and unconditional passes batched into one UNet call. If the UNet has
+    ``time_cond_proj_dim``, the guidance scale is fed as its embedding instead (one pass).
+    """
+
+    def __init__(self, unet, schedule: NoiseSchedule, prediction_type: str):
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"unknown prediction_type {prediction_type!r}; expected one of {PREDICTION_TYPES}")
+        self.unet = unet
+        self.schedule = schedule
+        self.prediction_type = prediction_type
+
+    @property
+    def guidance_embedding_dim(self) -> int | None:
+        """The UNet's ``time_cond_proj_dim`` (None when it has no guidance embedding)."""
+        unet = getattr(self.unet, "module", self.unet)  # DDP/accelerate wrappers keep the model in .module
+        return getattr(unet.config, "time_cond_proj_dim", None)
+
+    def model_output(
+        self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, guidance_scale: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Raw UNet output; a guidance embedding is fed when the UNet has one and a scale is given."""
+        t = torch.as_tensor(t, device=x_t.device)
+        if t.ndim == 0:
+            t = t.expand(x_t.shape[0])
+        timestep_cond = None
+        dim = self.guidance_embedding_dim
+        if dim is not None:
+            w = guidance_scale if guidance_scale is not None else torch.ones(x_t.shape[0])
+            w = torch.as_tensor(w, dtype=torch.float32).reshape(-1).expand(x_t.shape[0])
+            timestep_cond = guidance_embedding(w, dim).to(device=x_t.device, dtype=x_t.dtype)
+        return self.unet(x_t, t, encoder_hidden_states=cond, timestep_cond=timestep_cond).sample
+
+    def x0_eps(
+        self,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        cond: torch.Tensor,
+        uncond: torch.Tensor | None = None,
+        guidance_scale: torch.Tensor | float | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x0, eps) at (x_t, t); classifier-free guided when ``uncond`` and ``guidance_scale`` are given."""
+        t = torch.as_tensor(t, device=x_t.device)
+        if t.ndim == 0:
+            t = t.expand(x_t.shape[0])
+        alpha, sigma = self.schedule.alpha_sigma(t, like=x_t)
+        w = None if guidance_scale is None else torch.as_tensor(guidance_scale, dtype=torch.float32)
+        if uncond is None or w is None or self.guidance_embedding_dim is not None:
+            out = self.model_output(x_t, t, cond, w)
+            return to_x0_eps(out, x_t, alpha, sigma, self.prediction_type)
+        # CFG: one batched call of 2B, (uncond, cond); guidance is applied to x0 and eps alike,
+        # which is the same as guiding the raw output because the conversion is affine in it.
+        if uncond.shape[0] != cond.shape[0]:
+            uncond = uncond.expand(cond.shape[0], *uncond.shape[1:])
+        out = self.unet(torch.cat([x_t, x_t]), torch.cat([t, t]), encoder_hidden_states=torch.cat([uncond, cond])).sample
+        out_u, out_c = out.chunk(2)
+        guided = apply_cfg(out_u, out_c, w.to(x_t.device) if w.ndim else float(w))
+        return to_x0_eps(guided, x_t, alpha, sigma, self.prediction_type)
+
+
+def scheduler_prediction_type(scheduler) -> str:
+    """The prediction type a diffusers scheduler was configured with (validated)."""
+    pt = scheduler.config.get("prediction_type", "epsilon")
+    if pt not in PREDICTION_TYPES:
+        raise ValueError(f"unsupported prediction_type {pt!r}; expected one of {PREDICTION_TYPES}")
+    return pt

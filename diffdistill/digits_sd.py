@@ -1,0 +1,158 @@
+"""digits-SD's architecture: the tiny Stable Diffusion parts that ``train_scripts/train_digits_sd.py`` trains.
+
+A tiny AutoencoderKL (3x32x32 <-> 4x8x8), a CLIP tokenizer over a 13-word vocabulary, a tiny frozen
+CLIPTextModel, a UNet2DConditionModel and SD 1.5's noise schedule. Tests build random-weight copies
+of the same pipeline with ``build_pipeline`` in about a second.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+
+# The whole vocabulary the prompts use; every other word falls back to byte-level tokens.
+WORDS = ["a", "handwritten", "digit"] + [str(k) for k in range(10)]
+TOKENIZER_MAX_LENGTH = 16
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP byte -> printable unicode map (the standard byte-level BPE alphabet)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    bs += list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, [chr(c) for c in cs]))
+
+
+def write_tokenizer_files(folder: Path) -> None:
+    """Write a CLIP BPE vocabulary (vocab.json, merges.txt) that spells each word in WORDS as one token."""
+    folder.mkdir(parents=True, exist_ok=True)
+    alphabet = list(bytes_to_unicode().values())
+    tokens = alphabet + [c + "</w>" for c in alphabet]
+    merges: list[str] = []
+    for word in WORDS:
+        chars = list(word)
+        if len(chars) == 1:
+            continue
+        # Left-to-right merge chain: ((h a) n) d ... the last merge adds the end-of-word marker.
+        piece = chars[0]
+        for i, c in enumerate(chars[1:], start=1):
+            right = c + "</w>" if i == len(chars) - 1 else c
+            merges.append(f"{piece} {right}")
+            piece = piece + right
+            tokens.append(piece)
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    vocab: dict[str, int] = {}
+    for t in tokens:
+        vocab.setdefault(t, len(vocab))
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+
+
+def build_tokenizer(folder: Path):
+    """Return a CLIPTokenizer over the digits vocabulary (written into ``folder``)."""
+    from transformers import CLIPTokenizer
+
+    write_tokenizer_files(folder)
+    vocab = json.loads((folder / "vocab.json").read_text())
+    merges = [tuple(line.split(" ")) for line in (folder / "merges.txt").read_text().splitlines()[1:] if line]
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=TOKENIZER_MAX_LENGTH,
+                         pad_token="<|endoftext|>")
+
+
+def build_text_encoder(tokenizer, seed: int):
+    """A tiny, frozen, randomly initialised CLIPTextModel (hidden size 32); frozen is the SD setting."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=TOKENIZER_MAX_LENGTH,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        projection_dim=32,
+    )
+    model = CLIPTextModel(config).eval()
+    model.requires_grad_(False)
+    return model
+
+
+def build_vae():
+    """AutoencoderKL 3x32x32 <-> 4x8x8 (three blocks, two downsamplings)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(32, 64, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=32,
+    )
+
+
+def build_unet(time_cond_proj_dim: int | None = None):
+    """UNet2DConditionModel for 4x8x8 latents, cross-attention dim 32 (the text encoder's width)."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(64, 128),
+        layers_per_block=1,
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=32,
+        time_cond_proj_dim=time_cond_proj_dim,
+    )
+
+
+def build_scheduler(prediction_type: str = "epsilon"):
+    """SD 1.5's noise schedule (scaled_linear betas 0.00085..0.012, 1000 steps) in a DDIMScheduler."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
+    )
+
+
+
+def build_pipeline(seed: int = 0, prediction_type: str = "epsilon"):
+    """An untrained digits-SD StableDiffusionPipeline with seeded random weights (for tests and smoke runs)."""
+    from diffusers import StableDiffusionPipeline
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = build_tokenizer(Path(tmp) / "tok")
+    text_encoder = build_text_encoder(tokenizer, seed)
+    torch.manual_seed(seed)
+    vae, unet = build_vae(), build_unet()
+    scheduler = build_scheduler(prediction_type)
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)

@@ -1,0 +1,34 @@
+"""The registry of distillation methods: name -> (config dataclass, method class).
+
+Each method lives in one file with its config (validated in ``__post_init__``), a pure loss
+function, and a ``DistillMethod`` subclass giving the shared trainer its few hooks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import require
+from .base import DistillMethod
+from .consistency import ConsistencyConfig, ConsistencyDistillation
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A registered method: its config class, its trainer hooks, and a one-line description."""
+
+    config_cls: type
+    method_cls: type[DistillMethod]
+    summary: str
+
+
+METHODS: dict[str, MethodSpec] = {
+    "lcm": MethodSpec(ConsistencyConfig, ConsistencyDistillation,
+                      "latent consistency distillation (LCM), full UNet or LoRA, LCMScheduler export"),
+}
+
+
+def get_method(name: str) -> MethodSpec:
+    """The registered method ``name`` (one-line UserError for unknown names)."""
+    require(name in METHODS, f"unknown method {name!r}; available: {', '.join(METHODS)}")
+    return METHODS[name]

@@ -1,0 +1,254 @@
+"""Latent consistency distillation (Song et al. 2023 "Consistency Models"; Luo et al. 2023 "Latent
+Consistency Models"), full UNet or LoRA (Luo et al. 2023 "LCM-LoRA").
+
+The student f(x, t) = c_skip(t) x + c_out(t) x0_hat(x, t) is trained to give the same answer at
+two neighbouring points of one teacher ODE trajectory: x_t, and x_s obtained from x_t by one
+classifier-free-guided teacher solver step over k = T / N timesteps ("skipping step" on an N-point
+DDIM grid). The target f_target(x_s, s) comes from an EMA copy of the student (or the student
+itself under stop-gradient when ``ema_decay = 0``, as in iCT / LCM-LoRA).
+
+Guidance is distilled: the full student gets a guidance embedding (``time_cond_proj_dim``) fed
+exactly as StableDiffusionPipeline feeds it (the embedding of ``guidance_scale - 1``), so a student
+trained on teacher CFG at scale w samples with ``guidance_scale=w`` in one UNet pass per step.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+
+from ..config import RunConfig, opt
+from ..denoiser import TIMESTEP_SCALING, Denoiser, consistency_output
+from ..errors import require
+from ..models import GUIDANCE_EMBED_DIM, student_from_teacher
+from ..solvers import SOLVERS, get_solver
+from .base import DistillMethod
+
+LOSS_TYPES = ("l2", "huber")
+
+
+@dataclass
+class ConsistencyConfig:
+    """Options of consistency distillation (``--method lcm``)."""
+
+    num_ddim_timesteps: int = opt(50, "points N of the DDIM grid the student is trained on (skipping step T/N)")
+    solver: str = opt("ddim", f"teacher ODE solver for the step t_(n+k) -> t_n: {', '.join(SOLVERS)}")
+    w_min: float = opt(3.0, "smallest teacher guidance scale sampled (diffusers convention, 1 = no guidance)")
+    w_max: float = opt(13.0, "largest teacher guidance scale sampled")
+    ema_decay: float = opt(0.95, "EMA decay of the target network (0: the student itself, stop-gradient)")
+    loss_type: str = opt("huber", f"distance between online and target outputs: {', '.join(LOSS_TYPES)}")
+    huber_c: float = opt(0.001, "c of the pseudo-Huber loss sqrt(d^2 + c^2) - c")
+    lora_rank: int | None = opt(None, "train a LoRA of this rank on the frozen teacher instead of the full UNet")
+    lora_alpha: float = opt(0.0, "LoRA alpha (0: equal to the rank)")
+    timestep_scaling: float = opt(TIMESTEP_SCALING, "timestep scaling of the boundary scalings c_skip, c_out")
+    guidance_scale: float = opt(0.0, "guidance scale the export recommends (0: the middle of [w_min, w_max]; LoRA: 1)")
+
+    def __post_init__(self):
+        require(self.num_ddim_timesteps > 0, f"--num-ddim-timesteps must be > 0, got {self.num_ddim_timesteps}")
+        require(self.solver in SOLVERS, f"--solver must be one of {', '.join(SOLVERS)}, got {self.solver!r}")
+        require(self.w_min >= 0, f"--w-min must be >= 0, got {self.w_min}")
+        require(self.w_min <= self.w_max, f"--w-min ({self.w_min}) must not exceed --w-max ({self.w_max})")
+        require(0 <= self.ema_decay < 1, f"--ema-decay must be in [0, 1), got {self.ema_decay}")
+        require(self.loss_type in LOSS_TYPES, f"--loss-type must be one of {', '.join(LOSS_TYPES)}, got {self.loss_type!r}")
+        require(self.huber_c > 0, f"--huber-c must be > 0, got {self.huber_c}")
+        require(self.lora_rank is None or self.lora_rank > 0, f"--lora-rank must be > 0, got {self.lora_rank}")
+        require(self.lora_alpha >= 0, f"--lora-alpha must be >= 0, got {self.lora_alpha}")
+        require(self.timestep_scaling > 0, f"--timestep-scaling must be > 0, got {self.timestep_scaling}")
+        require(self.guidance_scale >= 0, f"--guidance-scale must be >= 0, got {self.guidance_scale}")
+        require(self.lora_rank is None or self.ema_decay == 0,
+                "--ema-decay must be 0 with --lora-rank (LCM-LoRA's target is the student itself)")
+
+
+def consistency_distance(a: torch.Tensor, b: torch.Tensor, loss_type: str, huber_c: float) -> torch.Tensor:
+    """Mean l2 or pseudo-Huber distance sqrt(|a-b|^2 + c^2) - c (Song & Dhariwal 2023, eq. 9), elementwise."""
+    d2 = (a.float() - b.float()) ** 2
+    if loss_type == "l2":
+        return d2.mean()
+    return (torch.sqrt(d2 + huber_c**2) - huber_c).mean()
+
+
+def ddim_grid(num_train_timesteps: int, num_ddim_timesteps: int) -> torch.Tensor:
+    """The N-point training grid t_n = (n + 1) k - 1, k = T // N (the grid LCMScheduler samples from)."""
+    k = num_train_timesteps // num_ddim_timesteps
+    return torch.arange(1, num_ddim_timesteps + 1) * k - 1
+
+
+def consistency_loss(student: Denoiser, teacher: Denoiser, batch: dict, cfg: ConsistencyConfig,
+                     target: Denoiser | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """Consistency-distillation loss on one batch.
+
+    batch: ``latents`` (B, C, h, w) clean scaled latents, ``cond`` (B, L, D), ``uncond`` (1 or B, L, D);
+    optional fixed draws ``n`` (B,) grid indices, ``noise`` like latents, ``w`` (B,) guidance scales.
+    ``target`` defaults to the student itself (stop-gradient).
+    """
+    x0, cond, uncond = batch["latents"], batch["cond"], batch["uncond"]
+    b, device = x0.shape[0], x0.device
+    schedule = teacher.schedule
+    k = schedule.num_train_timesteps // cfg.num_ddim_timesteps
+    n = batch.get("n")
+    if n is None:
+        n = torch.randint(0, cfg.num_ddim_timesteps, (b,), device=device)
+    t = ((n + 1) * k - 1).to(device)  # (B,)
+    s = (t - k).clamp(min=0)  # one skipping step earlier; t_0 - k is clamped to the boundary t = 0
+    noise = batch.get("noise")
+    if noise is None:
+        noise = torch.randn_like(x0)
+    w = batch.get("w")
+    if w is None:
+        w = cfg.w_min + (cfg.w_max - cfg.w_min) * torch.rand(b, device=device)
+    x_t = schedule.add_noise(x0, noise, t)
+
+    x0_online, _ = student.x0_eps(x_t, t, cond, guidance_scale=w)
+    f_online = consistency_output(x_t, x0_online, t, cfg.timestep_scaling)
+
+    with torch.no_grad():
+        def guided_teacher(x, tt):
+            return teacher.x0_eps(x, tt, cond, uncond, guidance_scale=w)
+
+        x_s = get_solver(cfg.solver)(guided_teacher, x_t, t, s, schedule)
+        tgt = target if target is not None else student
+        x0_target, _ = tgt.x0_eps(x_s, s, cond, guidance_scale=w)
+        f_target = consistency_output(x_s, x0_target, s, cfg.timestep_scaling)
+
+    loss = consistency_distance(f_online, f_target, cfg.loss_type, cfg.huber_c)
+    logs = {"loss": loss.item(), "t_mean": t.float().mean().item(), "w_mean": w.float().mean().item()}
+    return loss, logs
+
+
+@torch.no_grad()
+def ema_update(target: torch.nn.Module, online: torch.nn.Module, decay: float) -> None:
+    """target <- decay * target + (1 - decay) * online, parameter by parameter."""
+    for pt, po in zip(target.parameters(), online.parameters()):
+        pt.lerp_(po.detach().to(pt.dtype), 1.0 - decay)
+
+
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+                "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj"]
+
+
+class ConsistencyDistillation(DistillMethod):
+    """``--method lcm``: latent consistency distillation with guidance embedding, full or LoRA."""
+
+    name = "lcm"
+
+    def __init__(self, cfg: ConsistencyConfig, run: RunConfig):
+        super().__init__(cfg, run)
+        self.target = None
+        self._uncond = None
+
+    @property
+    def lora(self) -> bool:
+        return self.cfg.lora_rank is not None
+
+    @property
+    def recommended_guidance_scale(self) -> float:  # type: ignore[override]
+        if self.run.recommended_guidance_scale >= 0:
+            return self.run.recommended_guidance_scale
+        if self.lora:
+            return 1.0  # guidance is baked into a LoRA student; scale 1 also skips the CFG pass
+        return self.cfg.guidance_scale or 0.5 * (self.cfg.w_min + self.cfg.w_max)
+
+    def validate(self, teacher) -> None:
+        t_train = teacher.schedule.num_train_timesteps
+        require(self.cfg.num_ddim_timesteps <= t_train,
+                f"--num-ddim-timesteps ({self.cfg.num_ddim_timesteps}) exceeds the teacher's {t_train} train timesteps")
+        require(self.run.steps <= self.cfg.num_ddim_timesteps,
+                f"--steps ({self.run.steps}) must not exceed --num-ddim-timesteps ({self.cfg.num_ddim_timesteps})")
+
+    def setup(self, teacher) -> None:
+        self.teacher = teacher
+        if self.lora:
+            from peft import LoraConfig
+
+            self.student = student_from_teacher(teacher.unet)
+            self.student.requires_grad_(False)
+            rank = self.cfg.lora_rank
+            lora_cfg = LoraConfig(r=rank, lora_alpha=self.cfg.lora_alpha or rank, init_lora_weights="gaussian",
+                                  target_modules=LORA_TARGETS)
+            self.student.add_adapter(lora_cfg)
+            for p in self.student.parameters():  # LoRA weights train in fp32 even under mixed precision
+                if p.requires_grad:
+                    p.data = p.data.float()
+        else:
+            self.student = student_from_teacher(teacher.unet, GUIDANCE_EMBED_DIM)
+            if self.cfg.ema_decay > 0:
+                self.target = copy.deepcopy(self.student).requires_grad_(False).eval()
+
+    def _prepare(self, batch: dict) -> dict:
+        teacher = self.teacher
+        device = teacher.unet.device
+        require("pixel_values" in batch, "consistency distillation needs images: --dataset must hold images, not only prompts")
+        latents = teacher.encode_images(batch["pixel_values"].to(device))
+        cond = teacher.encode_prompts(batch["prompt"], device)
+        if self._uncond is None:
+            self._uncond = teacher.encode_prompts([""], device)
+        return {"latents": latents, "cond": cond, "uncond": self._uncond}
+
+    def loss(self, phase: str, batch: dict, step: int):
+        sched, pt = self.teacher.schedule, self.teacher.prediction_type
+        student = Denoiser(self.student, sched, pt)
+        target = Denoiser(self.target, sched, pt) if self.target is not None else None
+        return consistency_loss(student, self.teacher.denoiser(), self._prepare(batch), self.cfg, target)
+
+    def after_step(self, step: int) -> None:
+        if self.target is not None:
+            ema_update(self.target, getattr(self.student, "module", self.student), self.cfg.ema_decay)
+
+    def state_modules(self) -> dict[str, torch.nn.Module]:
+        mods = {"student": self.student}
+        if self.target is not None:
+            mods["target"] = self.target
+        return mods
+
+    def export_unet(self, unwrap) -> torch.nn.Module:
+        if self.lora:
+            return self.fused_lora_unet(unwrap)
+        # LCM exports the EMA target network: it is the smoothed consistency function.
+        return self.target if self.target is not None else unwrap(self.student)
+
+    def fused_lora_unet(self, unwrap) -> torch.nn.Module:
+        """A plain UNet2DConditionModel equal to teacher + LoRA (merged by peft, no adapter layers left)."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        merged = copy.deepcopy(unwrap(self.student))
+        for module in merged.modules():
+            if isinstance(module, BaseTunerLayer):
+                module.merge()
+        state = {k.replace(".base_layer.", "."): v for k, v in merged.state_dict().items() if "lora_" not in k}
+        fused = student_from_teacher(self.teacher.unet)
+        fused.load_state_dict(state)
+        return fused.eval().requires_grad_(False)
+
+    def export_scheduler(self, teacher_scheduler):
+        from diffusers import LCMScheduler
+
+        return LCMScheduler.from_config(
+            teacher_scheduler.config,
+            original_inference_steps=self.cfg.num_ddim_timesteps,
+            timestep_scaling=self.cfg.timestep_scaling,
+            prediction_type=self.teacher.prediction_type,
+            clip_sample=False,
+        )
+
+    def lora_state_dict(self, unwrap):
+        if not self.lora:
+            return None
+        from peft.utils import get_peft_model_state_dict
+
+        # PEFT's lora_A/lora_B names, which save_lora_weights prefixes with "unet." and load_lora_weights
+        # reads back. (convert_state_dict_to_diffusers would rename only the attention layers to the old
+        # lora.down/lora.up scheme, a mixed file whose attention LoRAs load_lora_weights silently drops.)
+        return get_peft_model_state_dict(unwrap(self.student))
+
+    def card_details(self) -> dict:
+        c = self.cfg
+        return {
+            "student": f"LoRA rank {c.lora_rank} on the teacher UNet" if self.lora
+            else f"full UNet with a {GUIDANCE_EMBED_DIM}-d guidance embedding (time_cond_proj_dim)",
+            "DDIM grid": f"{c.num_ddim_timesteps} points, teacher solver {c.solver}",
+            "teacher guidance sampled": f"w in [{c.w_min}, {c.w_max}]",
+            "target network": f"EMA decay {c.ema_decay}" if c.ema_decay > 0 else "the student (stop-gradient)",
+            "loss": c.loss_type + (f" (c = {c.huber_c})" if c.loss_type == "huber" else ""),
+        }

@@ -1,0 +1,176 @@
+"""Loading teachers and building students: diffusers Stable Diffusion pipelines in, UNets out."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .denoiser import Denoiser, NoiseSchedule, scheduler_prediction_type
+from .errors import UserError, require
+from .loading import quiet_loading
+
+SUPPORTED_PIPELINES = ("StableDiffusionPipeline",)
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+# Width of the guidance embedding given to guidance-distilled students (LCM and SD-Turbo style).
+GUIDANCE_EMBED_DIM = 256
+
+
+def check_pipeline_folder(path: str | Path, what: str = "teacher") -> dict:
+    """Return model_index.json of a local diffusers SD pipeline folder, or raise a one-line UserError."""
+    p = Path(path)
+    require(p.exists(), f"{what} not found: {path}")
+    require(p.is_dir(), f"{what} {path} is a file, not a diffusers pipeline folder")
+    index = p / "model_index.json"
+    require(index.is_file(), f"{what} {path} is not a diffusers pipeline (no model_index.json)")
+    try:
+        info = json.loads(index.read_text())
+    except json.JSONDecodeError:
+        raise UserError(f"{what} {path}: model_index.json is not valid JSON") from None
+    cls = info.get("_class_name", "")
+    require(cls in SUPPORTED_PIPELINES,
+            f"{what} {path} is a {cls or 'unknown'} pipeline; supported: {', '.join(SUPPORTED_PIPELINES)}")
+    for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        require((p / part).is_dir(), f"{what} {path} has no {part}/ folder")
+    return info
+
+
+@dataclass
+class Teacher:
+    """A frozen Stable Diffusion teacher: its parts, its noise schedule and a prompt-embedding cache."""
+
+    pipe: object
+    schedule: NoiseSchedule
+    prediction_type: str
+    source: str
+    _prompt_cache: dict = field(default_factory=dict)
+
+    @property
+    def unet(self):
+        return self.pipe.unet
+
+    @property
+    def vae(self):
+        return self.pipe.vae
+
+    @property
+    def scheduler(self):
+        return self.pipe.scheduler
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """(C, h, w) of the UNet's latents at its native sample size."""
+        s = self.unet.config.sample_size
+        return (self.unet.config.in_channels, s, s)
+
+    @property
+    def image_size(self) -> int:
+        """Native image size in pixels."""
+        return self.unet.config.sample_size * (2 ** (len(self.vae.config.block_out_channels) - 1))
+
+    def denoiser(self) -> Denoiser:
+        """The teacher UNet as a Denoiser (x0/eps, optionally CFG-guided)."""
+        return Denoiser(self.unet, self.schedule, self.prediction_type)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str], device=None) -> torch.Tensor:
+        """(B, L, D) text embeddings exactly as the pipeline computes them; repeated prompts are cached."""
+        device = device or self.unet.device
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
+        if missing:
+            tok = self.pipe.tokenizer
+            ids = tok(missing, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                      return_tensors="pt").input_ids.to(self.pipe.text_encoder.device)
+            emb = self.pipe.text_encoder(ids)[0]
+            for p, e in zip(missing, emb):
+                if len(self._prompt_cache) < 4096:  # bounded: real caption sets are far larger than this
+                    self._prompt_cache[p] = e
+                else:
+                    return self._encode_uncached(prompts, device)
+        return torch.stack([self._prompt_cache[p] for p in prompts]).to(device)
+
+    def _encode_uncached(self, prompts, device):
+        tok = self.pipe.tokenizer
+        ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids.to(self.pipe.text_encoder.device)
+        return self.pipe.text_encoder(ids)[0].to(device)
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Images in [-1, 1] (B, 3, H, W) -> scaled latents (B, C, h, w), sampled from the VAE posterior."""
+        vae = self.vae
+        post = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist
+        return post.sample(generator) * vae.config.scaling_factor
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> images in [-1, 1]."""
+        vae = self.vae
+        return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample.clamp(-1, 1)
+
+
+def load_teacher(source: str, revision: str = "", variant: str = "", local_files_only: bool = False,
+                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Teacher:
+    """Load a Stable Diffusion teacher from a local folder or a hub id, frozen, with one-line errors."""
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+    local = Path(source)
+    if local.exists() or not HUB_ID.match(source):
+        check_pipeline_folder(source)
+        kwargs = {}
+    else:
+        kwargs = {"revision": revision or None, "local_files_only": local_files_only or
+                  os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "")}
+    if variant:
+        kwargs["variant"] = variant
+    try:
+        with quiet_loading():
+            pipe = StableDiffusionPipeline.from_pretrained(source, dtype=dtype, safety_checker=None,
+                                                           requires_safety_checker=False, **kwargs)
+    except Exception as e:  # noqa: BLE001 - any load failure becomes one line for the user
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot load teacher {source!r}: {msg}") from None
+    pipe.set_progress_bar_config(disable=True)
+    prediction_type = pipe.scheduler.config.get("prediction_type", "epsilon")
+    require(prediction_type in ("epsilon", "v_prediction"),
+            f"teacher {source}: prediction_type {prediction_type!r} is not supported (epsilon or v_prediction)")
+    for m in (pipe.unet, pipe.vae, pipe.text_encoder):
+        m.requires_grad_(False)
+        m.eval()
+    with quiet_loading():
+        pipe.to(device)
+        pipe.vae.to(torch.float32)  # the VAE stays in fp32: SD's VAE overflows in fp16
+    # The training noise schedule comes from the scheduler config (DDPM holds it without inference state).
+    ddpm = DDPMScheduler.from_config(pipe.scheduler.config)
+    schedule = NoiseSchedule.from_scheduler(ddpm, final_alphas_cumprod=float(ddpm.alphas_cumprod[0]))
+    return Teacher(pipe=pipe, schedule=schedule, prediction_type=scheduler_prediction_type(pipe.scheduler), source=source)
+
+
+def student_from_teacher(teacher_unet, time_cond_proj_dim: int | None = None):
+    """A trainable copy of the teacher UNet; with ``time_cond_proj_dim`` it gains a guidance embedding.
+
+    The new ``cond_proj`` layer is zero-initialised, so the student starts out as exactly the teacher.
+    """
+    from diffusers import UNet2DConditionModel
+
+    config = dict(teacher_unet.config)
+    if time_cond_proj_dim is not None:
+        config["time_cond_proj_dim"] = time_cond_proj_dim
+    with quiet_loading():
+        student = UNet2DConditionModel.from_config(config)
+    missing, unexpected = student.load_state_dict(teacher_unet.state_dict(), strict=False)
+    allowed = {"time_embedding.cond_proj.weight"}
+    require(not unexpected and set(missing) <= allowed,
+            f"teacher UNet does not match its own config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    if student.time_embedding.cond_proj is not None and "time_embedding.cond_proj.weight" in missing:
+        torch.nn.init.zeros_(student.time_embedding.cond_proj.weight)
+    with quiet_loading():
+        student.to(device=teacher_unet.device, dtype=torch.float32)
+    student.train()
+    student.requires_grad_(True)
+    return student

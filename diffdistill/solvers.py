@@ -1,0 +1,84 @@
+"""Pure probability-flow ODE steps between two discrete timesteps of a VP schedule.
+
+Every solver has one signature, ``step(denoise, x, t, s, schedule) -> x_s``: it moves the VP sample
+``x`` (B, C, H, W) at timesteps ``t`` (B,) to timesteps ``s`` (B,) with s < t, calling
+``denoise(x, t) -> (x0, eps)`` (see ``denoiser.Denoiser.x0_eps``). A timestep s < 0 means "past
+t = 0", i.e. ``schedule.final_alphas_cumprod``. Teacher targets in training and the reference
+samplers in tests use these functions; ``tests/test_solvers.py`` checks them step for step against
+diffusers' DDIMScheduler, EulerDiscreteScheduler and HeunDiscreteScheduler.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from .denoiser import NoiseSchedule
+
+DenoiseFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def _ve_sigma(schedule: NoiseSchedule, t: torch.Tensor, like: torch.Tensor):
+    """(alpha_t, sigma_t / alpha_t): the VP scale and the variance-exploding noise level at t."""
+    alpha, sigma = schedule.alpha_sigma(t, like=like)
+    return alpha, sigma / alpha
+
+
+def ddim_step(denoise: DenoiseFn, x: torch.Tensor, t: torch.Tensor, s: torch.Tensor, schedule: NoiseSchedule) -> torch.Tensor:
+    """Deterministic DDIM (Song et al. 2021, eq. 12 with eta = 0): x_s = alpha_s x0 + sigma_s eps."""
+    x0, eps = denoise(x, t)
+    alpha_s, sigma_s = schedule.alpha_sigma(s, like=x)
+    return alpha_s * x0 + sigma_s * eps
+
+
+def euler_step(denoise: DenoiseFn, x: torch.Tensor, t: torch.Tensor, s: torch.Tensor, schedule: NoiseSchedule) -> torch.Tensor:
+    """Euler on the PF-ODE dy/dsigma = (y - x0) / sigma in VE coordinates y = x / alpha (Karras et al. 2022, eq. 3).
+
+    Between two grid points it is algebraically the same move as DDIM; it is kept as its own function
+    because diffusers' EulerDiscreteScheduler is the reference it is tested against.
+    """
+    alpha_t, sig_t = _ve_sigma(schedule, t, x)
+    alpha_s, sig_s = _ve_sigma(schedule, s, x)
+    x0, _ = denoise(x, t)
+    y = x / alpha_t
+    d = (y - x0) / sig_t
+    return (y + (sig_s - sig_t) * d) * alpha_s
+
+
+def heun_step(denoise: DenoiseFn, x: torch.Tensor, t: torch.Tensor, s: torch.Tensor, schedule: NoiseSchedule) -> torch.Tensor:
+    """Heun's second-order step (Karras et al. 2022, alg. 1); plain Euler where sigma_s = 0."""
+    alpha_t, sig_t = _ve_sigma(schedule, t, x)
+    alpha_s, sig_s = _ve_sigma(schedule, s, x)
+    x0, _ = denoise(x, t)
+    y = x / alpha_t
+    d = (y - x0) / sig_t
+    y_euler = y + (sig_s - sig_t) * d
+    s_eval = torch.as_tensor(s, device=x.device).clamp(min=0)  # a final step (s < 0) is masked below
+    x0_s, _ = denoise(y_euler * alpha_s, s_eval)
+    d_s = (y_euler - x0_s) / sig_s.clamp(min=1e-12)
+    y_heun = y + (sig_s - sig_t) * 0.5 * (d + d_s)
+    return torch.where(sig_s > 0, y_heun, y_euler) * alpha_s
+
+
+SOLVERS: dict[str, Callable[..., torch.Tensor]] = {"ddim": ddim_step, "euler": euler_step, "heun": heun_step}
+
+
+def get_solver(name: str) -> Callable[..., torch.Tensor]:
+    """Look up a solver step by name (ddim, euler, heun)."""
+    try:
+        return SOLVERS[name]
+    except KeyError:
+        raise ValueError(f"unknown solver {name!r}; expected one of {sorted(SOLVERS)}") from None
+
+
+def sample_loop(
+    denoise: DenoiseFn, x: torch.Tensor, timesteps: list[int], schedule: NoiseSchedule, solver: str = "ddim"
+) -> torch.Tensor:
+    """Integrate from timesteps[0] down through each grid point and past t = 0 (s = -1 at the end)."""
+    step = get_solver(solver)
+    b = x.shape[0]
+    for i, t in enumerate(timesteps):
+        s = timesteps[i + 1] if i + 1 < len(timesteps) else -1
+        x = step(denoise, x, torch.full((b,), t, device=x.device), torch.full((b,), s, device=x.device), schedule)
+    return x

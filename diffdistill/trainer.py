@@ -1,0 +1,490 @@
+"""ONE accelerate training loop for every distillation method.
+
+The trainer owns: devices, mixed precision and process groups (accelerate), AdamW + diffusers'
+``get_scheduler`` per optimiser phase, gradient accumulation and clipping, an optional EMA of the
+student (diffusers ``EMAModel``), deterministic per-rank data order, atomic and exactly-resumable
+checkpoints (safetensors weights; optimiser state read back with ``weights_only=True``), validation
+grids, CSV/TensorBoard logs, a progress bar, non-finite-loss and SIGINT/SIGTERM handling.
+The maths lives in the method (``diffdistill.methods``), reached only through its narrow hooks.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader
+
+from .config import RunConfig
+from .data import collate
+from .errors import UserError, require
+from .methods.base import DistillMethod
+
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+class NonFiniteLossError(UserError):
+    """The loss became NaN/inf: the run stops, the last good checkpoint stays."""
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT/SIGTERM arrived; a checkpoint was saved. ``signum`` says which signal."""
+
+    def __init__(self, signum: int, checkpoint: Path | None):
+        super().__init__(f"interrupted by signal {signum}")
+        self.signum, self.checkpoint = signum, checkpoint
+
+
+@dataclass
+class TrainResult:
+    """What a finished run reports."""
+
+    steps: int
+    minutes: float
+    peak_memory_mb: float
+    memory_kind: str
+    last_logs: dict
+    rank_checksums: list[float]
+
+
+def peak_memory_mb(device: torch.device) -> tuple[float, str]:
+    """Peak memory so far: CUDA max allocated on GPU, else the process's peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cpu_peak_rss"
+
+
+def list_checkpoints(folder: Path) -> list[Path]:
+    """Complete checkpoints in ``folder``, oldest first (temporary folders are never listed)."""
+    if not folder.is_dir():
+        return []
+    found = []
+    for p in folder.iterdir():
+        if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX) and p.name[len(CHECKPOINT_PREFIX):].isdigit():
+            if (p / "trainer_state.json").is_file():
+                found.append(p)
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+def resolve_resume(spec: str, checkpoints_dir: Path) -> Path | None:
+    """'' -> None; 'latest' -> newest complete checkpoint or None; else the named folder (must be complete)."""
+    if not spec:
+        return None
+    if spec == "latest":
+        found = list_checkpoints(checkpoints_dir)
+        return found[-1] if found else None
+    p = Path(spec)
+    if not p.is_absolute() and not p.exists():
+        p = checkpoints_dir / spec
+    require(p.is_dir() and (p / "trainer_state.json").is_file(), f"--resume-from-checkpoint {spec}: not a complete checkpoint")
+    return p
+
+
+def _module_state(module: torch.nn.Module) -> tuple[dict[str, torch.Tensor], bool]:
+    """The tensors a checkpoint keeps: only trainable ones when the module is partly frozen (LoRA)."""
+    names = {n for n, p in module.named_parameters() if p.requires_grad}
+    state = module.state_dict()
+    partial = 0 < len(names) < len(list(module.parameters()))
+    if partial:
+        state = {k: v for k, v in state.items() if k in names}
+    return {k: v.detach().contiguous().cpu() for k, v in state.items()}, partial
+
+
+def make_accelerator(cfg):
+    """The Accelerator for a TrainConfig: mixed precision, accumulation and optional torch.compile."""
+    from accelerate import Accelerator
+
+    return Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+                       dynamo_backend="inductor" if cfg.torch_compile else "no")
+
+
+def load_state_modules(path: Path, modules: dict[str, torch.nn.Module], unwrap=lambda m: m) -> None:
+    """Load each module's weights from checkpoint ``path`` (strict, except partial LoRA-only saves)."""
+    state = json.loads((path / "trainer_state.json").read_text())
+    for name, module in modules.items():
+        f = path / f"model_{name}.safetensors"
+        require(f.is_file(), f"checkpoint {path} lacks {f.name}")
+        missing, unexpected = unwrap(module).load_state_dict(load_file(str(f)), strict=False)
+        require(not unexpected, f"checkpoint {path}: {f.name} has unexpected keys {unexpected[:3]}")
+        if not state["modules"].get(name, {}).get("partial"):
+            require(not missing, f"checkpoint {path}: {f.name} is missing keys {missing[:3]}")
+
+
+def load_ema_into(path: Path, params: list[torch.nn.Parameter]) -> bool:
+    """Copy a checkpoint's student-EMA weights into ``params``; False when it has none."""
+    f = path / "ema.safetensors"
+    if not f.is_file():
+        return False
+    shadow = load_file(str(f))
+    require(len(shadow) == len(params), f"checkpoint {path}: EMA holds {len(shadow)} tensors, model has {len(params)}")
+    with torch.no_grad():
+        for i, p in enumerate(params):
+            p.copy_(shadow[f"shadow_{i}"])
+    return True
+
+
+class Trainer:
+    """Runs ``method`` for ``run.train.max_train_steps`` optimiser steps under accelerate."""
+
+    def __init__(self, run: RunConfig, method: DistillMethod, teacher, out: Path, dataset, accelerator=None):
+        self.run, self.cfg, self.method, self.teacher, self.out = run, run.train, method, teacher, out
+        self.dataset = dataset
+        self.accelerator = accelerator or make_accelerator(self.cfg)
+        self.checkpoints_dir = out / "checkpoints"
+        self.samples_dir = out / "samples"
+        self._stop_signal: int | None = None
+        self.step = 0
+        self.batches_seen = 0  # global count of micro-batches drawn, for exact data-order resume
+        self.ema = None
+
+    # ------------------------------------------------------------------ set-up
+    def _setup(self) -> None:
+        from accelerate.utils import set_seed
+        from diffusers.optimization import get_scheduler
+
+        acc, cfg = self.accelerator, self.cfg
+        set_seed(cfg.seed)  # identical initialisation on every rank
+        self.method.setup(self.teacher)
+        if cfg.gradient_checkpointing:
+            for m in self.method.trainable_modules().values():
+                if hasattr(m, "enable_gradient_checkpointing"):
+                    m.enable_gradient_checkpointing()
+        if cfg.enable_xformers:
+            for m in [*self.method.trainable_modules().values(), self.teacher.unet]:
+                m.enable_xformers_memory_efficient_attention()
+        modules = self.method.trainable_modules()
+        self.optimizers, self.lr_schedulers = {}, {}
+        for phase in self.method.phases:
+            params = self.method.parameters(phase)
+            require(bool(params), f"method {self.method.name}: phase {phase} has no trainable parameters")
+            self.optimizers[phase] = torch.optim.AdamW(
+                params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                weight_decay=cfg.weight_decay, eps=cfg.adam_epsilon)
+        names = list(modules)
+        prepared = acc.prepare(*modules.values(), *[self.optimizers[p] for p in self.method.phases])
+        prepared = prepared if isinstance(prepared, tuple) else (prepared,)
+        self.method.set_trainable_modules(dict(zip(names, prepared[: len(names)])))
+        self.optimizers = dict(zip(self.method.phases, prepared[len(names):]))
+        for phase, opt in self.optimizers.items():
+            self.lr_schedulers[phase] = get_scheduler(
+                cfg.lr_scheduler, optimizer=opt, num_warmup_steps=cfg.lr_warmup_steps,
+                num_training_steps=cfg.max_train_steps)
+        if cfg.student_ema_decay > 0:
+            from diffusers.training_utils import EMAModel
+
+            student = acc.unwrap_model(self.method.trainable_modules()["student"])
+            self.ema = EMAModel([p for p in student.parameters() if p.requires_grad], decay=cfg.student_ema_decay)
+        # Different noise on every rank from here on (the data order is per-rank by construction).
+        torch.manual_seed(cfg.seed * 1000 + 17 + acc.process_index)
+
+    # ------------------------------------------------------------------ data
+    def _epoch_batches(self, epoch: int) -> list[list[int]]:
+        """This rank's index batches of ``epoch``: a seeded permutation, drop-last, split across ranks."""
+        acc, bs = self.accelerator, self.cfg.batch_size
+        n, global_bs = len(self.dataset), bs * self.accelerator.num_processes
+        g = torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch)
+        perm = torch.randperm(n, generator=g)
+        if n < global_bs:  # tiny datasets: repeat the permutation so one batch fills up
+            perm = perm.repeat(math.ceil(global_bs / n))
+        usable = (len(perm) // global_bs) * global_bs
+        perm = perm[:usable].tolist()
+        return [perm[i: i + global_bs][acc.process_index * bs: (acc.process_index + 1) * bs]
+                for i in range(0, usable, global_bs)]
+
+    def _batch_stream(self):
+        """Yield collated batches forever, starting at micro-batch ``self.batches_seen``."""
+        per_epoch = len(self._epoch_batches(0))
+        epoch, offset = divmod(self.batches_seen, per_epoch)
+        while True:
+            index_batches = self._epoch_batches(epoch)[offset:]
+            # An own generator: a DataLoader without one draws its worker seed from the global RNG,
+            # which would make a resumed run's noise differ from an uninterrupted one.
+            loader = DataLoader(self.dataset, batch_sampler=index_batches, collate_fn=collate,
+                                num_workers=self.run.data.dataloader_num_workers,
+                                generator=torch.Generator().manual_seed(self.cfg.seed + epoch))
+            for batch in loader:
+                self.batches_seen += 1
+                yield batch
+            epoch, offset = epoch + 1, 0
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self) -> Path:
+        """Write checkpoint-<step> atomically: a temporary folder, renamed when complete."""
+        acc = self.accelerator
+        self.checkpoints_dir.mkdir(parents=True, exist_ok=True)
+        final = self.checkpoints_dir / f"{CHECKPOINT_PREFIX}{self.step}"
+        tmp = self.checkpoints_dir / f".tmp-{CHECKPOINT_PREFIX}{self.step}"
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        rng = {"torch_cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            for i, s in enumerate(torch.cuda.get_rng_state_all()):
+                rng[f"torch_cuda_{i}"] = s
+        save_file(rng, str(tmp / f"rng_{acc.process_index}.safetensors"))
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            meta = {}
+            for name, module in self.method.state_modules().items():
+                state, partial = _module_state(acc.unwrap_model(module))
+                save_file(state, str(tmp / f"model_{name}.safetensors"))
+                meta[name] = {"partial": partial}
+            for phase, opt in self.optimizers.items():
+                torch.save(opt.state_dict(), tmp / f"optimizer_{phase}.pt")
+                sd = {k: v for k, v in self.lr_schedulers[phase].state_dict().items() if k != "lr_lambdas"}
+                (tmp / f"lr_scheduler_{phase}.json").write_text(json.dumps(sd))
+            if self.ema is not None:
+                save_file({f"shadow_{i}": p.detach().cpu().contiguous() for i, p in enumerate(self.ema.shadow_params)},
+                          str(tmp / "ema.safetensors"))
+                (tmp / "ema.json").write_text(json.dumps({"optimization_step": self.ema.optimization_step}))
+            state = {"step": self.step, "batches_seen": self.batches_seen, "method": self.method.name,
+                     "num_processes": acc.num_processes, "modules": meta}
+            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))  # written last: marks completeness
+            old = None
+            if final.exists():
+                old = final.with_name(final.name + ".old")
+                shutil.rmtree(old, ignore_errors=True)
+                final.rename(old)
+            tmp.rename(final)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+            self._prune()
+        acc.wait_for_everyone()
+        return final
+
+    def _prune(self) -> None:
+        limit = self.cfg.checkpoints_total_limit
+        if limit:
+            for old in list_checkpoints(self.checkpoints_dir)[:-limit]:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def load_checkpoint(self, path: Path) -> None:
+        """Restore weights, optimisers, LR schedules, EMA, RNG and data position from ``path``."""
+        acc = self.accelerator
+        state = json.loads((path / "trainer_state.json").read_text())
+        require(state.get("method") == self.method.name,
+                f"checkpoint {path} is from method {state.get('method')!r}, not {self.method.name!r}")
+        load_state_modules(path, self.method.state_modules(), acc.unwrap_model)
+        for phase, opt in self.optimizers.items():
+            opt.load_state_dict(torch.load(path / f"optimizer_{phase}.pt", map_location="cpu", weights_only=True))
+            sd = json.loads((path / f"lr_scheduler_{phase}.json").read_text())
+            self.lr_schedulers[phase].load_state_dict({**self.lr_schedulers[phase].state_dict(), **sd})
+        if self.ema is not None and (path / "ema.safetensors").is_file():
+            shadow = load_file(str(path / "ema.safetensors"))
+            for i, p in enumerate(self.ema.shadow_params):
+                p.data.copy_(shadow[f"shadow_{i}"])
+            self.ema.optimization_step = json.loads((path / "ema.json").read_text())["optimization_step"]
+        rng_file = path / f"rng_{acc.process_index}.safetensors"
+        if rng_file.is_file():
+            rng = load_file(str(rng_file))
+            torch.set_rng_state(rng["torch_cpu"])
+            if torch.cuda.is_available():
+                cuda = [rng[k] for k in sorted(rng) if k.startswith("torch_cuda_")]
+                if len(cuda) == torch.cuda.device_count():
+                    torch.cuda.set_rng_state_all(cuda)
+        self.step, self.batches_seen = int(state["step"]), int(state["batches_seen"])
+        if hasattr(self.method, "on_resume"):
+            self.method.on_resume(self.step)
+
+    # ------------------------------------------------------------------ validation and logs
+    def validation_prompts(self) -> list[str]:
+        """Ten prompts for sample grids: the digit prompts, or the first distinct captions of the data."""
+        if self.run.data.dataset == "digits":
+            from .digits import DIGIT_PROMPTS
+
+            return list(DIGIT_PROMPTS)
+        prompts: list[str] = []
+        for i in range(min(len(self.dataset), 200)):
+            item = self.dataset[i]
+            if item["prompt"] not in prompts:
+                prompts.append(item["prompt"])
+            if len(prompts) == 10:
+                break
+        return prompts
+
+    @torch.no_grad()
+    def save_validation_grid(self, name: str) -> Path | None:
+        """Sample the current student through its export preset and save a PNG grid (main process)."""
+        if not self.accelerator.is_main_process:
+            return None
+        from .export import build_pipeline, save_grid
+
+        modules = self.method.trainable_modules()
+        for m in modules.values():
+            m.eval()
+        try:
+            unet = self.method.export_unet(self.accelerator.unwrap_model)
+            pipe = build_pipeline(self.teacher, unet, self.method.export_scheduler(self.teacher.scheduler))
+            prompts = self.validation_prompts()
+            gens = [torch.Generator().manual_seed(1000 + i) for i in range(len(prompts))]
+            with self.accelerator.autocast():
+                images = pipe(prompts, num_inference_steps=self.run.steps, generator=gens, output_type="pt",
+                              guidance_scale=self.method.recommended_guidance_scale).images
+        finally:
+            for m in modules.values():
+                m.train()
+        self.samples_dir.mkdir(parents=True, exist_ok=True)
+        path = self.samples_dir / f"{name}.png"
+        save_grid(images, path, nrow=len(prompts))
+        return path
+
+    def _open_loggers(self):
+        self._csv_file = self._csv = self._tb = None
+        if not self.accelerator.is_main_process:
+            return
+        kinds = set(self.cfg.report_to.split(","))
+        if "tensorboard" in kinds:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(self.out / "tensorboard"))
+            except ImportError:
+                print("[diffdistill] tensorboard is not installed; logging to CSV only", flush=True)
+                kinds.add("csv")
+        if "csv" in kinds:
+            self._csv_path = self.out / "logs.csv"
+
+    def _log(self, row: dict) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        if getattr(self, "_csv_path", None) is not None:
+            new = not self._csv_path.exists()
+            if self._csv is None:
+                self._csv_file = self._csv_path.open("a", newline="")
+                header = list(row) if new else next(csv.reader(self._csv_path.open()))
+                self._csv = csv.DictWriter(self._csv_file, fieldnames=header, extrasaction="ignore")
+                if new:
+                    self._csv.writeheader()
+            self._csv.writerow(row)
+            self._csv_file.flush()
+        if self._tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, int | float):
+                    self._tb.add_scalar(k, v, row["step"])
+
+    def _close_loggers(self):
+        if getattr(self, "_csv_file", None) is not None:
+            self._csv_file.close()
+        if getattr(self, "_tb", None) is not None:
+            self._tb.close()
+
+    # ------------------------------------------------------------------ the loop
+    def _on_signal(self, signum, _frame):
+        self._stop_signal = signum
+
+    def fit(self) -> TrainResult:
+        """Train to ``max_train_steps`` (resuming if asked); returns timing and memory figures."""
+        from tqdm.auto import tqdm
+
+        acc, cfg = self.accelerator, self.cfg
+        self._setup()
+        resume = resolve_resume(cfg.resume_from_checkpoint, self.checkpoints_dir)
+        if resume is not None:
+            self.load_checkpoint(resume)
+            acc.print(f"[diffdistill] resumed from {resume} at step {self.step}")
+        elif cfg.resume_from_checkpoint == "latest":
+            acc.print(f"[diffdistill] no checkpoint in {self.checkpoints_dir}; starting from step 0")
+        self._open_loggers()
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        modules = list(self.method.trainable_modules().values())
+        stream = self._batch_stream()
+        t0, steps_at_start, last_logs = time.time(), self.step, {}
+        bar = tqdm(total=cfg.max_train_steps, initial=self.step, disable=not acc.is_local_main_process,
+                   desc=f"distill {self.method.name}", dynamic_ncols=True)
+        try:
+            while self.step < cfg.max_train_steps:
+                logs: dict = {}
+                for _ in range(cfg.gradient_accumulation_steps):
+                    batch = next(stream)
+                    with acc.accumulate(*modules):
+                        for phase in self.method.phases:
+                            with acc.autocast():
+                                loss, phase_logs = self.method.loss(phase, batch, self.step)
+                            self._check_finite(loss, phase, phase_logs)
+                            acc.backward(loss)
+                            if acc.sync_gradients and cfg.max_grad_norm > 0:
+                                acc.clip_grad_norm_(self.method.parameters(phase), cfg.max_grad_norm)
+                            self.optimizers[phase].step()
+                            self.optimizers[phase].zero_grad(set_to_none=True)
+                            prefix = "" if len(self.method.phases) == 1 else f"{phase}/"
+                            logs.update({prefix + k: v for k, v in phase_logs.items()})
+                for sched in self.lr_schedulers.values():
+                    sched.step()
+                self.step += 1
+                self.method.after_step(self.step)
+                if self.ema is not None:
+                    student = acc.unwrap_model(self.method.trainable_modules()["student"])
+                    self.ema.step([p for p in student.parameters() if p.requires_grad])
+                rate = (self.step - steps_at_start) / max(time.time() - t0, 1e-9)
+                first = self.method.phases[0]
+                last_logs = {"step": self.step, "lr": self.lr_schedulers[first].get_last_lr()[0],
+                             **logs, "it_per_s": rate, "elapsed_s": time.time() - t0}
+                bar.update(1)
+                bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if "loss" in k})
+                if self.step % cfg.log_every == 0 or self.step == cfg.max_train_steps:
+                    self._log(last_logs)
+                if cfg.checkpointing_steps and self.step % cfg.checkpointing_steps == 0:
+                    self.save_checkpoint()
+                if cfg.validation_steps and self.step % cfg.validation_steps == 0:
+                    self.save_validation_grid(f"step_{self.step:06d}")
+                if self._stop_signal is not None:
+                    ckpt = self.save_checkpoint()
+                    raise TrainingInterrupted(self._stop_signal, ckpt)
+            final_ckpt = self.checkpoints_dir / f"{CHECKPOINT_PREFIX}{self.step}"
+            if not final_ckpt.exists():
+                self.save_checkpoint()
+            self.save_validation_grid("final")
+        finally:
+            bar.close()
+            self._close_loggers()
+            for s, h in previous.items():
+                signal.signal(s, h)
+        mem, kind = peak_memory_mb(acc.device)
+        return TrainResult(self.step, (time.time() - t0) / 60, mem, kind, last_logs, self.rank_checksums())
+
+    def rank_checksums(self) -> list[float]:
+        """Sum of the student's weights on every rank (float64): equal on all ranks when DDP kept them in sync."""
+        student = self.accelerator.unwrap_model(self.method.trainable_modules()["student"])
+        total = torch.stack([p.detach().double().sum() for p in student.state_dict().values()]).sum()
+        return self.accelerator.gather(total.reshape(1).to(self.accelerator.device)).cpu().tolist()
+
+    def _check_finite(self, loss: torch.Tensor, phase: str, logs: dict) -> None:
+        if torch.isfinite(loss).all():
+            return
+        bad = [k for k, v in logs.items() if isinstance(v, float) and not math.isfinite(v)] or ["loss"]
+        last = list_checkpoints(self.checkpoints_dir)
+        keep = f"; last good checkpoint: {last[-1]}" if last else "; no checkpoint was written yet"
+        raise NonFiniteLossError(f"non-finite loss at step {self.step + 1} (phase {phase}, term {bad[0]} = "
+                                 f"{float(loss.detach().float().mean())}){keep}")
+
+    def export_ema_weights(self):
+        """Context manager: the student holds its EMA weights inside the block (no-op without EMA)."""
+        import contextlib
+
+        if self.ema is None:
+            return contextlib.nullcontext()
+        student = self.accelerator.unwrap_model(self.method.trainable_modules()["student"])
+        params = [p for p in student.parameters() if p.requires_grad]
+
+        @contextlib.contextmanager
+        def swap():
+            self.ema.store(params)
+            self.ema.copy_to(params)
+            try:
+                yield
+            finally:
+                self.ema.restore(params)
+
+        return swap()
+

@@ -1,0 +1,32 @@
+"""Shared fixtures: tiny random-weight digits-SD pipelines saved to disk (about a second each)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def _save_tiny(folder, prediction_type="epsilon", seed=0):
+    from diffdistill.digits_sd import build_pipeline
+
+    pipe = build_pipeline(seed=seed, prediction_type=prediction_type)
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory):
+    """Path of an untrained (random) digits-SD pipeline with an epsilon-prediction DDIM scheduler."""
+    return _save_tiny(tmp_path_factory.mktemp("tiny-sd") / "pipe")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_v(tmp_path_factory):
+    """The same tiny pipeline with a v-prediction scheduler."""
+    return _save_tiny(tmp_path_factory.mktemp("tiny-sd-v") / "pipe", prediction_type="v_prediction")

@@ -1,0 +1,159 @@
+"""The command line end to end on tiny models, and a table of bad invocations."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from diffdistill.cli import main
+
+TINY = ["--max-train-steps", "3", "--batch-size", "4", "--checkpointing-steps", "2", "--validation-steps", "2",
+        "--benchmark-samples", "0", "--steps", "2", "--num-ddim-timesteps", "10", "--w-min", "1", "--w-max", "2",
+        "--lr-warmup-steps", "0"]
+
+# A process that never imports diffdistill loads the export with plain diffusers and samples it.
+PLAIN_DIFFUSERS = r"""
+import sys, json, torch
+from diffusers import DiffusionPipeline
+pipe = DiffusionPipeline.from_pretrained(sys.argv[1])
+pipe.set_progress_bar_config(disable=True)
+calls = []
+pipe.unet.register_forward_pre_hook(lambda m, a: calls.append(1))
+img = pipe("a handwritten digit 7", num_inference_steps=int(sys.argv[2]), output_type="np").images
+assert "diffdistill" not in sys.modules
+print(json.dumps({"scheduler": type(pipe.scheduler).__name__, "calls": len(calls), "shape": list(img.shape),
+                  "finite": bool(torch.isfinite(torch.from_numpy(img)).all())}))
+"""
+
+
+def _plain_load(folder, steps):
+    r = subprocess.run([sys.executable, "-c", PLAIN_DIFFUSERS, str(folder), str(steps)], capture_output=True,
+                       text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd="/")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_distill_lcm_end_to_end_and_plain_diffusers_load(tiny_sd, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["distill", "--method", "lcm", "--teacher", tiny_sd, "--output", str(out), *TINY]) == 0
+    for f in ("config.yaml", "logs.csv", "summary.json", "samples/final.png", "samples/step_000002.png",
+              "pipeline/model_index.json", "pipeline/README.md", "pipeline/diffdistill.json"):
+        assert (out / f).exists(), f
+    assert not list(out.glob(".*tmp*")) and not list((out / "checkpoints").glob(".tmp*"))
+    info = _plain_load(out / "pipeline", 2)
+    assert info["scheduler"] == "LCMScheduler" and info["calls"] == 2 and info["finite"]  # 1 UNet pass per step
+    assert info["shape"] == [1, 32, 32, 3]
+    card = (out / "pipeline" / "README.md").read_text()
+    assert "num_inference_steps=2" in card
+    # A second run into the same folder is refused ...
+    capsys.readouterr()
+    assert main(["distill", "--method", "lcm", "--teacher", tiny_sd, "--output", str(out), *TINY]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    # ... unless --overwrite.
+    assert main(["distill", "--method", "lcm", "--teacher", tiny_sd, "--output", str(out), "--overwrite", *TINY]) == 0
+    # Re-export an intermediate checkpoint.
+    assert main(["export", str(out), "--checkpoint", "checkpoint-2", "--output", str(tmp_path / "ck2")]) == 0
+    assert _plain_load(tmp_path / "ck2", 2)["scheduler"] == "LCMScheduler"
+
+
+@pytest.mark.slow
+def test_distill_lcm_lora_end_to_end(tiny_sd, tmp_path):
+    out = tmp_path / "lora-run"
+    assert main(["distill", "--method", "lcm", "--teacher", tiny_sd, "--output", str(out), "--lora-rank", "4",
+                 "--ema-decay", "0", *TINY]) == 0
+    assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert _plain_load(out / "pipeline", 2)["calls"] == 2
+    ckpt = out / "checkpoints" / "checkpoint-3" / "model_student.safetensors"
+    from safetensors.torch import load_file
+
+    assert all("lora" in k for k in load_file(str(ckpt)))  # LoRA checkpoints hold only the adapter
+
+
+def test_help_on_every_command(capsys):
+    for argv in (["--help"], ["distill", "--help"], ["bench", "--help"], ["export", "--help"]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--lora-rank", "--ema-decay", "--num-ddim-timesteps", "--huber-c", "--resume-from-checkpoint",
+                 "--mixed-precision", "--gradient-checkpointing", "--steps", "--guidance", "--num-samples"):
+        assert flag in text, flag
+
+
+def test_dry_run_prints_resolved_config(tiny_sd, tmp_path, capsys):
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text("method: lcm\ntrain:\n  learning_rate: 3.0e-5\nmethod_args:\n  w_max: 9\n")
+    out = tmp_path / "never"
+    assert main(["distill", "--config", str(cfg), "--teacher", tiny_sd, "--output", str(out), "--w-max", "7",
+                 "--dry-run"]) == 0
+    resolved = json.loads(capsys.readouterr().out)["config"]
+    assert resolved["train"]["learning_rate"] == 3e-5 and resolved["method_args"]["w_max"] == 7.0
+    assert not out.exists()
+
+
+def _bad_cases(tiny_sd: str, tmp: Path):
+    notpipe = tmp / "notpipe"
+    notpipe.mkdir(exist_ok=True)
+    afile = tmp / "afile.txt"
+    afile.write_text("x")
+    badyaml = tmp / "bad.yaml"
+    badyaml.write_text("train: [unclosed\n")
+    unknown = tmp / "unknown.yaml"
+    unknown.write_text("train:\n  learnin_rate: 1\n")
+    d = ["distill", "--teacher", tiny_sd, "--max-train-steps", "1"]
+    return [
+        (["distill", "--teacher", str(tmp / "missing")], "not found"),
+        (["distill", "--teacher", str(afile)], "is a file"),
+        (["distill", "--teacher", str(notpipe)], "model_index.json"),
+        ([*d, "--steps", "0"], "--steps"),
+        ([*d, "--steps", "four"], "--steps"),
+        ([*d, "--batch-size", "1.5"], "--batch-size"),
+        ([*d, "--method", "magic"], "unknown method"),
+        ([*d, "--loss-type", "l3"], "--loss-type"),
+        ([*d, "--w-min", "5", "--w-max", "2"], "--w-min"),
+        ([*d, "--lora-rank", "0"], "--lora-rank"),
+        ([*d, "--lora-rank", "4", "--ema-decay", "0.9"], "--ema-decay"),
+        ([*d, "--learning-rate", "-1"], "--learning-rate"),
+        ([*d, "--mixed-precision", "fp8"], "--mixed-precision"),
+        ([*d, "--steps", "60"], "--num-ddim-timesteps"),
+        ([*d, "--dataset", str(tmp / "nodata") + "/"], "--dataset"),
+        ([*d, "--config", str(tmp / "missing.yaml")], "config file not found"),
+        ([*d, "--config", str(badyaml)], "not valid YAML"),
+        ([*d, "--config", str(unknown)], "learnin_rate"),
+        ([*d, "--gradient-checkpointing", "maybe"], "--gradient-checkpointing"),
+        (["distill", "--teacher", tiny_sd, "--output", str(afile / "sub")], "--output"),
+        (["bench", str(tmp / "missing"), "--steps", "1", "--output", "OUT"], "missing"),
+        (["bench", str(notpipe), "--steps", "1", "--output", "OUT"], "notpipe"),
+        (["bench", tiny_sd, "--steps", "0", "--output", "OUT"], "0"),
+        (["bench", tiny_sd, "--steps", "a,b", "--output", "OUT"], "a,b"),
+        (["export", str(notpipe), "--output", "OUT"], "config.yaml"),
+    ]
+
+
+def test_bad_invocations_fail_with_one_line_and_write_nothing(tiny_sd, tmp_path, capsys, monkeypatch):
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    cases = _bad_cases(tiny_sd, tmp_path)
+    assert len(cases) >= 15
+    for argv, needle in cases:
+        if "--output" not in argv:
+            argv = [*argv, "--output", str(work / "OUT")]
+        try:
+            code = main(argv)
+        except SystemExit as e:  # argparse's own errors (also one line: OneLineParser)
+            code = e.code
+        err = capsys.readouterr().err.strip()
+        assert code != 0, argv
+        assert "Traceback" not in err, argv
+        assert len(err.splitlines()) == 1, (argv, err)
+        assert needle in err, (argv, err)
+        assert not (work / "OUT").exists(), argv
+    assert list(work.iterdir()) == []
+

@@ -1,0 +1,80 @@
+"""Data sources: digits, imagefolder + metadata.jsonl, webdataset tar shards, prompt lists, config errors."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import pytest
+import torch
+from PIL import Image
+
+from diffdistill.config import DataConfig
+from diffdistill.data import build_dataset, collate, expand_braces
+from diffdistill.errors import UserError
+
+
+def _png(color, size=(40, 24)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_digits_dataset():
+    ds = build_dataset(DataConfig(dataset="digits"), 32)
+    assert len(ds) == 1797
+    item = ds[0]
+    assert item["pixel_values"].shape == (3, 32, 32) and item["prompt"] == "a handwritten digit 0"
+    assert item["pixel_values"].min() >= -1 and item["pixel_values"].max() <= 1
+    big = build_dataset(DataConfig(dataset="digits", resolution=64), 32)[0]["pixel_values"]
+    assert big.shape == (3, 64, 64)
+
+
+def test_imagefolder_with_metadata(tmp_path):
+    for i, c in enumerate([(255, 0, 0), (0, 255, 0)]):
+        (tmp_path / f"{i}.png").write_bytes(_png(c))
+    (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps({"file_name": f"{i}.png", "text": f"img {i}"})
+                                                       for i in range(2)))
+    ds = build_dataset(DataConfig(dataset=str(tmp_path)), 16)
+    batch = collate([ds[0], ds[1]])
+    assert batch["pixel_values"].shape == (2, 3, 16, 16) and batch["prompt"] == ["img 0", "img 1"]
+    assert torch.allclose(batch["pixel_values"][0, 0], torch.ones(16, 16))  # red: R = +1
+    assert torch.allclose(batch["pixel_values"][0, 1], -torch.ones(16, 16))
+
+
+def test_webdataset_shards_with_brace_pattern(tmp_path):
+    for shard in range(2):
+        with tarfile.open(tmp_path / f"data-{shard:03d}.tar", "w") as tar:
+            for k in range(3):
+                for name, data in ((f"s{shard}_{k}.png", _png((k * 80, 0, 0))), (f"s{shard}_{k}.txt", f"cap {k}".encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    pattern = str(tmp_path / "data-{000..001}.tar")
+    assert len(expand_braces(pattern)) == 2
+    ds = build_dataset(DataConfig(dataset=pattern, max_samples=5), 8)
+    assert len(ds) == 5 and ds[0]["pixel_values"].shape == (3, 8, 8) and ds[0]["prompt"] == "cap 0"
+
+
+def test_prompt_file(tmp_path):
+    f = tmp_path / "prompts.txt"
+    f.write_text("a cat\n\na dog\n")
+    ds = build_dataset(DataConfig(dataset=str(f)), 32)
+    assert [ds[i]["prompt"] for i in range(len(ds))] == ["a cat", "a dog"]
+    assert "pixel_values" not in collate([ds[0]])
+
+
+@pytest.mark.parametrize("make,msg", [
+    (lambda p: str(p / "missing.txt"), "not found"),
+    (lambda p: str(p / "nope") + "/", "no such folder"),
+    (lambda p: str(p / "x-{000..001}.tar"), "shard not found"),
+])
+def test_bad_sources(tmp_path, make, msg):
+    with pytest.raises(UserError, match=msg):
+        build_dataset(DataConfig(dataset=make(tmp_path)), 32)
+
+
+def test_imagefolder_without_metadata(tmp_path):
+    with pytest.raises(UserError, match="metadata.jsonl"):
+        build_dataset(DataConfig(dataset=str(tmp_path)), 32)

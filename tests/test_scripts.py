@@ -1,0 +1,48 @@
+"""The training scripts and benchmark launchers run end to end on tiny settings."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_train_digits_sd_few_steps_end_to_end(tmp_path):
+    out = tmp_path / "digits-sd"
+    r = subprocess.run([sys.executable, str(ROOT / "train_scripts" / "train_digits_sd.py"), "--output", str(out),
+                        "--vae-steps", "2", "--unet-steps", "2", "--batch-size", "8", "--vae-batch-size", "8"],
+                       capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    info = json.loads((out / "training_info.json").read_text())
+    assert info["unet_steps"] == 2 and info["vae_scaling_factor"] > 0
+
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(str(out))
+    assert type(pipe).__name__ == "StableDiffusionPipeline"
+    assert pipe.scheduler.config.prediction_type == "epsilon"
+    assert pipe.scheduler.config.beta_schedule == "scaled_linear"
+    assert pipe.tokenizer("a handwritten digit 7").input_ids[1:-1] == pipe.tokenizer(
+        "a handwritten digit 7", add_special_tokens=False).input_ids
+    assert len(pipe.tokenizer("a handwritten digit 7", add_special_tokens=False).input_ids) == 4  # one token a word
+    assert not list(out.rglob("*.bin")) and not list(out.rglob("*.pt"))  # safetensors only
+    img = pipe("a handwritten digit 7", num_inference_steps=2, output_type="np").images
+    assert img.shape == (1, 32, 32, 3)
+
+
+@pytest.mark.slow
+def test_gpu_smoke_runs_on_cpu_with_tiny(tmp_path):
+    r = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_smoke.sh"), str(tmp_path / "smoke"), "--tiny",
+                        "--steps", "3", "--batch-size", "2"], capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((tmp_path / "smoke" / "results.json").read_text())
+    assert res["train_steps"] == 3 and res["it_per_s"] > 0 and len(res["loss_trend"]) == 3
+    assert (Path(res["export"]) / "model_index.json").is_file()
