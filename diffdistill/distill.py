@@ -75,6 +75,11 @@ def run_distill(run: RunConfig, dry_run: bool = False) -> dict:
     method_cfg = build_dataclass(spec.config_cls, run.method_args, f"--method {run.method} options")
     out = check_output_folder(run)
     check_xformers(run)
+    method = spec.method_cls(method_cfg, run)
+    total = getattr(method, "total_steps", None)
+    if total is not None and total != run.train.max_train_steps:
+        # Staged methods own their length (sum of their stages); the saved config records it.
+        run.train.max_train_steps = total
     resolved = to_dict(run)
     resolved["method_args"] = to_dict(method_cfg)
     if dry_run:
@@ -83,7 +88,6 @@ def run_distill(run: RunConfig, dry_run: bool = False) -> dict:
     accelerator = make_accelerator(run.train)
     teacher = load_teacher(run.teacher, run.revision, run.variant, run.local_files_only,
                            device=accelerator.device, dtype=weight_dtype(run.train.mixed_precision))
-    method = spec.method_cls(method_cfg, run)
     method.validate(teacher)
     dataset = build_dataset(run.data, teacher.image_size)
     require(len(dataset) > 0, f"--dataset {run.data.dataset}: no examples")
@@ -122,8 +126,6 @@ def export_run(run: RunConfig, method, teacher, trainer: Trainer, out: Path) -> 
         lora_dir = None
         if lora_state is not None:
             lora_dir = export_lora(teacher, lora_state, out / "lora", scheduler, run.steps, prompt)
-    extra = getattr(method, "export_extra", None)
-    extra_dirs = extra(trainer, out, prompt) if extra else {}
     steps = sorted({s for s in (1, 2, 4, 8, run.steps) if s <= max(8, run.steps)})
     table = None
     if run.benchmark_samples and run.data.dataset == "digits":
@@ -144,5 +146,7 @@ def export_run(run: RunConfig, method, teacher, trainer: Trainer, out: Path) -> 
     res = {"pipeline": str(pipeline_dir), "checkpoints": [str(p) for p in list_checkpoints(trainer.checkpoints_dir)]}
     if lora_dir is not None:
         res["lora"] = str(lora_dir)
-    res.update(extra_dirs)
+    stages = out / "stages"
+    if stages.is_dir():
+        res["stages"] = sorted(str(p) for p in stages.iterdir() if (p / "model_index.json").is_file())
     return res

@@ -294,8 +294,7 @@ class Trainer:
                 if len(cuda) == torch.cuda.device_count():
                     torch.cuda.set_rng_state_all(cuda)
         self.step, self.batches_seen = int(state["step"]), int(state["batches_seen"])
-        if hasattr(self.method, "on_resume"):
-            self.method.on_resume(self.step)
+        self.method.on_resume(self.step)
 
     # ------------------------------------------------------------------ validation and logs
     def validation_prompts(self) -> list[str]:
@@ -329,7 +328,7 @@ class Trainer:
             prompts = self.validation_prompts()
             gens = [torch.Generator().manual_seed(1000 + i) for i in range(len(prompts))]
             with self.accelerator.autocast():
-                images = pipe(prompts, num_inference_steps=self.run.steps, generator=gens, output_type="pt",
+                images = pipe(prompts, num_inference_steps=self.method.sampling_steps(), generator=gens, output_type="pt",
                               guidance_scale=self.method.recommended_guidance_scale).images
         finally:
             for m in modules.values():
@@ -338,6 +337,19 @@ class Trainer:
         path = self.samples_dir / f"{name}.png"
         save_grid(images, path, nrow=len(prompts))
         return path
+
+    def _export_stages(self, stages: list[dict]) -> None:
+        """Export finished stages to OUT/stages/<name>/ (main process), each verified by reload-and-sample."""
+        if not stages or not self.accelerator.is_main_process:
+            return
+        from .export import export_pipeline
+
+        for st in stages:
+            info = {"method": self.method.name, "teacher": self.run.teacher, "stage": st["name"], "train_steps": self.step}
+            folder = export_pipeline(self.teacher, st["unet"], st["scheduler"], self.out / "stages" / st["name"],
+                                     st["steps"], self.method.recommended_guidance_scale, info,
+                                     self.validation_prompts()[0])
+            self.accelerator.print(f"[diffdistill] stage {st['name']} exported to {folder}")
 
     def _open_loggers(self):
         self._csv_file = self._csv = self._tb = None
@@ -404,6 +416,7 @@ class Trainer:
                    desc=f"distill {self.method.name}", dynamic_ncols=True)
         try:
             while self.step < cfg.max_train_steps:
+                self._export_stages(self.method.before_step(self.step))
                 logs: dict = {}
                 for _ in range(cfg.gradient_accumulation_steps):
                     batch = next(stream)
@@ -441,6 +454,7 @@ class Trainer:
                 if self._stop_signal is not None:
                     ckpt = self.save_checkpoint()
                     raise TrainingInterrupted(self._stop_signal, ckpt)
+            self._export_stages(self.method.before_step(self.step))
             final_ckpt = self.checkpoints_dir / f"{CHECKPOINT_PREFIX}{self.step}"
             if not final_ckpt.exists():
                 self.save_checkpoint()

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from ..errors import require
 from .base import DistillMethod
 from .consistency import ConsistencyConfig, ConsistencyDistillation
+from .progressive import ProgressiveConfig, ProgressiveDistillation
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,8 @@ class MethodSpec:
 METHODS: dict[str, MethodSpec] = {
     "lcm": MethodSpec(ConsistencyConfig, ConsistencyDistillation,
                       "latent consistency distillation (LCM), full UNet or LoRA, LCMScheduler export"),
+    "progressive": MethodSpec(ProgressiveConfig, ProgressiveDistillation,
+                              "progressive distillation with guidance distillation: halve steps down to --steps"),
 }
 
 

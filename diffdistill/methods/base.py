@@ -9,7 +9,7 @@ trainer owns the loop. The hooks are deliberately few:
 * ``parameters(phase)``            the parameters that phase's optimiser trains
 * ``loss(phase, batch, step)``     (scalar loss, logs) for that phase, calling the pure loss
 * ``after_step(step)``             e.g. the EMA update of a target network
-* ``stage_for_step(step)``         optional stage changes (progressive halving)
+* ``before_step(step)``            stage changes (progressive halving); returns finished stages to export
 * ``state_modules()``              every module a checkpoint must hold
 * ``export_unet()`` + ``export_scheduler(teacher_scheduler)``: what the exported pipeline contains
 """
@@ -61,6 +61,21 @@ class DistillMethod:
 
     def after_step(self, step: int) -> None:
         """Called after every optimiser step (all phases)."""
+
+    def before_step(self, step: int) -> list[dict]:
+        """Called before optimiser step ``step`` (0-based) and once more after the last one.
+
+        Returns finished stages to export, each ``{"name", "unet", "scheduler", "steps"}``
+        (progressive distillation); stage changes happen here, inside the one training loop.
+        """
+        return []
+
+    def on_resume(self, step: int) -> None:
+        """Called after a checkpoint of step ``step`` was loaded."""
+
+    def sampling_steps(self) -> int:
+        """Sampling steps of the student as it is now (validation grids use it)."""
+        return self.run.steps
 
     # --- state and export ---------------------------------------------------------------------
     def state_modules(self) -> dict[str, torch.nn.Module]:

@@ -1,0 +1,272 @@
+"""Progressive distillation (Salimans & Ho 2022) with guidance distillation (Meng et al. 2023).
+
+Stage 0 (optional, ``guidance_iters > 0``): a student with a guidance embedding learns, in one UNet
+pass, the teacher's classifier-free-guided x0 prediction for w sampled in [w_min, w_max].
+Stages 1..k: the student starts from the previous stage's model and learns to match TWO DDIM steps of
+its (frozen) previous self with ONE of its own, on grids N -> N/2 -> ... -> ``--steps``.
+
+Grids are diffusers' ``trailing`` spacing, t_j = round(T - j T / N) - 1, ending past t = 0 at the
+clean sample (alpha = 1), so a student step from t_j to t_(j+1) is exactly one step of the exported
+``EulerDiscreteScheduler(timestep_spacing="trailing")``: between two grid points the Euler step on
+the VE ODE is algebraically the DDIM step (see solvers.euler_step), and unlike DDIMScheduler it steps
+to the true next grid point even when N does not divide T (N = 16, 32, 64 with T = 1000).
+
+Student parameterisation: the student keeps the teacher's prediction type (epsilon for SD 1.5 and
+digits-SD) because it starts from the teacher's weights, and a v- or x0-parameterised copy of an
+epsilon network would start out wrong. The regression target is computed in x0 space (the paper's
+eq. 8) and weighted by the truncated SNR max(alpha^2 / sigma^2, 1) (its eq. 9), which keeps the
+high-noise end, where 1/alpha amplifies epsilon errors, well conditioned. SD's schedule has
+alpha_T = 0.068 > 0, so x0 = (z - sigma eps) / alpha is defined everywhere.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..config import RunConfig, opt
+from ..denoiser import Denoiser, NoiseSchedule
+from ..errors import UserError, require
+from ..models import GUIDANCE_EMBED_DIM, student_from_teacher
+from ..solvers import ddim_step
+from .base import DistillMethod
+
+
+@dataclass
+class ProgressiveConfig:
+    """Options of progressive distillation (``--method progressive``)."""
+
+    start_steps: int = opt(64, "sampling steps of the teacher grid the first halving stage starts from")
+    iters_per_stage: int = opt(300, "optimiser steps of each halving stage")
+    guidance_iters: int = opt(300, "optimiser steps of stage 0, guidance distillation (0: skip it)")
+    w_min: float = opt(1.0, "smallest guidance scale sampled (diffusers convention, 1 = no guidance)")
+    w_max: float = opt(3.0, "largest guidance scale sampled")
+    guidance_scale: float = opt(0.0, "guidance scale the export recommends (0: the middle of [w_min, w_max])")
+    min_weight: float = opt(1.0, "truncated-SNR weighting: weight max(SNR, min_weight) of the x0 loss")
+
+    def __post_init__(self):
+        require(self.start_steps >= 2, f"--start-steps must be >= 2, got {self.start_steps}")
+        require(self.iters_per_stage > 0, f"--iters-per-stage must be > 0, got {self.iters_per_stage}")
+        require(self.guidance_iters >= 0, f"--guidance-iters must be >= 0, got {self.guidance_iters}")
+        require(self.w_min >= 0, f"--w-min must be >= 0, got {self.w_min}")
+        require(self.w_min <= self.w_max, f"--w-min ({self.w_min}) must not exceed --w-max ({self.w_max})")
+        require(self.min_weight > 0, f"--min-weight must be > 0, got {self.min_weight}")
+        require(self.guidance_scale >= 0, f"--guidance-scale must be >= 0, got {self.guidance_scale}")
+
+
+@dataclass
+class Stage:
+    """One stage of the schedule: guidance distillation or one halving N_teacher -> N_student."""
+
+    index: int
+    kind: str  # "guidance" | "halve"
+    student_steps: int
+    first_iter: int
+    iters: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.student_steps}_steps"
+
+
+def trailing_grid(num_train_timesteps: int, steps: int) -> torch.Tensor:
+    """diffusers' trailing timesteps for ``steps`` steps, descending, plus -1 (the clean end): (steps + 1,)."""
+    ts = np.round(np.arange(num_train_timesteps, 0, -num_train_timesteps / steps)).astype(np.int64) - 1
+    return torch.tensor([*ts.tolist(), -1])
+
+
+def halvings(start: int) -> list[int]:
+    """Every step count reachable by halving ``start``: 64 -> [32, 16, 8, 4, 2, 1]."""
+    out, n = [], start
+    while n % 2 == 0:
+        n //= 2
+        out.append(n)
+    return out
+
+
+def halving_plan(start: int, target: int) -> list[int]:
+    """Student step counts start/2, start/4, ..., target; a UserError naming the nearest valid targets otherwise."""
+    require(target < start, f"--steps ({target}) must be smaller than --start-steps ({start}): "
+                            "progressive distillation needs at least one halving stage")
+    valid = halvings(start)
+    if target not in valid:
+        nearest = sorted(sorted(valid, key=lambda v: (abs(v - target), v))[:2])
+        raise UserError(f"--steps {target} is not reachable by halving from --start-steps {start}; "
+                        f"nearest valid values: {', '.join(map(str, nearest)) or 'none (start is odd)'}")
+    return valid[: valid.index(target) + 1]
+
+
+def one_step_target(z_t: torch.Tensor, z_s: torch.Tensor, t: torch.Tensor, s: torch.Tensor,
+                    schedule: NoiseSchedule) -> torch.Tensor:
+    """The x0 whose single DDIM step from z_t at t lands on z_s at s (Salimans & Ho 2022, eq. 8)."""
+    a_t, s_t = schedule.alpha_sigma(t, like=z_t)
+    a_s, s_s = schedule.alpha_sigma(s, like=z_t)
+    ratio = s_s / s_t
+    return (z_s - ratio * z_t) / (a_s - ratio * a_t)
+
+
+def x0_weight(schedule: NoiseSchedule, t: torch.Tensor, like: torch.Tensor, min_weight: float) -> torch.Tensor:
+    """Truncated-SNR weight max(alpha_t^2 / sigma_t^2, min_weight) (Salimans & Ho 2022, eq. 9)."""
+    alpha, sigma = schedule.alpha_sigma(t, like=like)
+    return torch.clamp(alpha**2 / sigma**2, min=min_weight)
+
+
+def guidance_distillation_loss(student: Denoiser, teacher: Denoiser, batch: dict, cfg: ProgressiveConfig):
+    """Stage 0: the w-conditioned student's x0 matches the teacher's CFG x0 at scale w (one pass vs two)."""
+    x0, cond, uncond = batch["latents"], batch["cond"], batch["uncond"]
+    b, sched = x0.shape[0], teacher.schedule
+    t = batch.get("t")
+    if t is None:
+        t = torch.randint(0, sched.num_train_timesteps, (b,), device=x0.device)
+    w = batch.get("w")
+    if w is None:
+        w = cfg.w_min + (cfg.w_max - cfg.w_min) * torch.rand(b, device=x0.device)
+    noise = batch.get("noise")
+    z_t = sched.add_noise(x0, torch.randn_like(x0) if noise is None else noise, t)
+    with torch.no_grad():
+        target, _ = teacher.x0_eps(z_t, t, cond, uncond, guidance_scale=w)
+    pred, _ = student.x0_eps(z_t, t, cond, guidance_scale=w)
+    weight = x0_weight(sched, t, pred, cfg.min_weight)
+    loss = (weight * (pred.float() - target.float()) ** 2).mean()
+    return loss, {"loss": loss.item()}
+
+
+def progressive_loss(student: Denoiser, teacher: Denoiser, batch: dict, cfg: ProgressiveConfig):
+    """One halving stage: match two teacher DDIM steps t -> mid -> s with one student step t -> s.
+
+    batch: ``latents``, ``cond``, ``uncond``, ``grid`` = trailing_grid(T, 2N) (the teacher's grid; the
+    student's is every other point); optional ``j`` (B,) student step indices, ``w``, ``noise``.
+    The target x~ solves z_s = alpha_s x~ + sigma_s (z_t - alpha_t x~) / sigma_t (paper, eq. 8).
+    """
+    x0, cond, uncond, grid = batch["latents"], batch["cond"], batch["uncond"], batch["grid"].to(batch["latents"].device)
+    b, sched = x0.shape[0], teacher.schedule
+    n_student = (grid.shape[0] - 1) // 2
+    j = batch.get("j")
+    if j is None:
+        j = torch.randint(0, n_student, (b,), device=x0.device)
+    t, mid, s = grid[2 * j], grid[2 * j + 1], grid[2 * j + 2]
+    w = batch.get("w")
+    if w is None:
+        w = cfg.w_min + (cfg.w_max - cfg.w_min) * torch.rand(b, device=x0.device)
+    noise = batch.get("noise")
+    z_t = sched.add_noise(x0, torch.randn_like(x0) if noise is None else noise, t)
+    with torch.no_grad():
+        def denoise(x, tt):
+            return teacher.x0_eps(x, tt, cond, uncond, guidance_scale=w)
+
+        z_mid = ddim_step(denoise, z_t, t, mid, sched)
+        z_s = ddim_step(denoise, z_mid, mid, s, sched)
+        target = one_step_target(z_t, z_s, t, s, sched)
+    pred, _ = student.x0_eps(z_t, t, cond, guidance_scale=w)
+    weight = x0_weight(sched, t, pred, cfg.min_weight)
+    loss = (weight * (pred.float() - target.float()) ** 2).mean()
+    return loss, {"loss": loss.item()}
+
+
+class ProgressiveDistillation(DistillMethod):
+    """``--method progressive``: guidance distillation, then halving stages down to ``--steps``."""
+
+    name = "progressive"
+
+    def __init__(self, cfg: ProgressiveConfig, run: RunConfig):
+        super().__init__(cfg, run)
+        plan = halving_plan(cfg.start_steps, run.steps)
+        self.stages: list[Stage] = []
+        it = 0
+        if cfg.guidance_iters:
+            self.stages.append(Stage(0, "guidance", cfg.start_steps, it, cfg.guidance_iters))
+            it += cfg.guidance_iters
+        for n in plan:
+            self.stages.append(Stage(len(self.stages), "halve", n, it, cfg.iters_per_stage))
+            it += cfg.iters_per_stage
+        self.total_steps = it
+        self.current: Stage | None = None
+        self.stage_teacher = None
+        self._uncond = None
+
+    @property
+    def recommended_guidance_scale(self) -> float:  # type: ignore[override]
+        if self.run.recommended_guidance_scale >= 0:
+            return self.run.recommended_guidance_scale
+        return self.cfg.guidance_scale or 0.5 * (self.cfg.w_min + self.cfg.w_max)
+
+    def setup(self, teacher) -> None:
+        self.teacher = teacher
+        # Exact clean end: the schedule goes past t = 0 to alpha = 1, as the exported Euler preset does.
+        self.schedule = NoiseSchedule(teacher.schedule.alphas_cumprod, final_alphas_cumprod=1.0)
+        self.student = student_from_teacher(teacher.unet, GUIDANCE_EMBED_DIM)
+        self.stage_teacher = copy.deepcopy(self.student).requires_grad_(False).eval()
+
+    def stage_at(self, step: int) -> Stage:
+        """The stage that optimiser step ``step`` (0-based) belongs to."""
+        return next(s for s in self.stages if s.first_iter <= step < s.first_iter + s.iters)
+
+    def before_step(self, step: int) -> list[dict]:
+        finished = []
+        new = self.stage_at(step) if step < self.total_steps else None
+        if self.current is not None and new is not self.current:
+            finished.append(self._stage_export(self.current))
+        if new is not None and new is not self.current:
+            # The frozen teacher of a halving stage is the student as it is now (end of the previous stage).
+            student = getattr(self.student, "module", self.student)
+            self.stage_teacher.load_state_dict(student.state_dict())
+            self.current = new
+        return finished
+
+    def sampling_steps(self) -> int:
+        return self.current.student_steps if self.current is not None else self.run.steps
+
+    def on_resume(self, step: int) -> None:
+        # The checkpoint holds the stage teacher of the stage the last finished step belonged to.
+        self.current = self.stage_at(step - 1) if step > 0 else None
+
+    def _stage_export(self, stage: Stage) -> dict:
+        student = getattr(self.student, "module", self.student)
+        return {"name": stage.name, "unet": copy.deepcopy(student).eval(), "steps": stage.student_steps,
+                "scheduler": self.export_scheduler(self.teacher.scheduler)}
+
+    def _prepare(self, batch: dict) -> dict:
+        teacher = self.teacher
+        device = teacher.unet.device
+        require("pixel_values" in batch, "progressive distillation needs images: --dataset must hold images")
+        if self._uncond is None:
+            self._uncond = teacher.encode_prompts([""], device)
+        return {"latents": teacher.encode_images(batch["pixel_values"].to(device)),
+                "cond": teacher.encode_prompts(batch["prompt"], device), "uncond": self._uncond}
+
+    def loss(self, phase: str, batch: dict, step: int):
+        stage = self.current
+        prepared = self._prepare(batch)
+        student = Denoiser(self.student, self.schedule, self.teacher.prediction_type)
+        if stage.kind == "guidance":
+            teacher = Denoiser(self.teacher.unet, self.schedule, self.teacher.prediction_type)
+            return guidance_distillation_loss(student, teacher, prepared, self.cfg)
+        if stage.index == 0:  # no guidance stage: the first teacher is the original one, with CFG
+            teacher = Denoiser(self.teacher.unet, self.schedule, self.teacher.prediction_type)
+        else:
+            teacher = Denoiser(self.stage_teacher, self.schedule, self.teacher.prediction_type)
+        prepared["grid"] = trailing_grid(self.schedule.num_train_timesteps, 2 * stage.student_steps)
+        loss, logs = progressive_loss(student, teacher, prepared, self.cfg)
+        return loss, {**logs, "stage": float(stage.index), "student_steps": float(stage.student_steps)}
+
+    def state_modules(self) -> dict[str, torch.nn.Module]:
+        return {"student": self.student, "stage_teacher": self.stage_teacher}
+
+    def export_scheduler(self, teacher_scheduler):
+        from diffusers import EulerDiscreteScheduler
+
+        return EulerDiscreteScheduler.from_config(
+            teacher_scheduler.config, timestep_spacing="trailing", steps_offset=0, use_karras_sigmas=False,
+            final_sigmas_type="zero", prediction_type=self.teacher.prediction_type, interpolation_type="linear")
+
+    def card_details(self) -> dict:
+        c = self.cfg
+        stages = " -> ".join(str(s.student_steps) + (" (guidance)" if s.kind == "guidance" else "") for s in self.stages)
+        return {"stages (student steps)": stages, "iterations": f"{c.guidance_iters} guidance + {c.iters_per_stage} per halving",
+                "guidance sampled": f"w in [{c.w_min}, {c.w_max}] (guidance embedding, time_cond_proj_dim)",
+                "student parameterisation": f"{self.teacher.prediction_type} (the teacher's), x0-space loss, truncated SNR",
+                "scheduler preset": "EulerDiscreteScheduler, trailing spacing (= DDIM on the training grid)"}
+
