@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from .config import build_dataclass, build_run_config, load_yaml
@@ -29,12 +30,8 @@ def export_checkpoint(run_dir: str, checkpoint: str, output: str, overwrite: boo
     method.validate(teacher)
     method.setup(teacher)
     load_state_modules(ckpt, method.state_modules())
-    student = method.trainable_modules()["student"]
-    load_ema_into(ckpt, [p for p in student.parameters() if p.requires_grad])
-    if hasattr(method, "on_resume"):
-        import json
-
-        method.on_resume(json.loads((ckpt / "trainer_state.json").read_text())["step"])
+    load_ema_into(ckpt, [p for p in method.student.parameters() if p.requires_grad])
+    method.on_resume(json.loads((ckpt / "trainer_state.json").read_text())["step"])
     from .digits import DIGIT_PROMPTS
 
     prompt = DIGIT_PROMPTS[0] if run.data.dataset == "digits" else "a photo"

@@ -168,7 +168,7 @@ class Trainer:
             params = self.method.parameters(phase)
             require(bool(params), f"method {self.method.name}: phase {phase} has no trainable parameters")
             self.optimizers[phase] = torch.optim.AdamW(
-                params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                params, lr=self.method.learning_rate(phase, cfg.learning_rate), betas=(cfg.adam_beta1, cfg.adam_beta2),
                 weight_decay=cfg.weight_decay, eps=cfg.adam_epsilon)
         names = list(modules)
         prepared = acc.prepare(*modules.values(), *[self.optimizers[p] for p in self.method.phases])
@@ -182,7 +182,7 @@ class Trainer:
         if cfg.student_ema_decay > 0:
             from diffusers.training_utils import EMAModel
 
-            student = acc.unwrap_model(self.method.trainable_modules()["student"])
+            student = acc.unwrap_model(self.method.student)
             self.ema = EMAModel([p for p in student.parameters() if p.requires_grad], decay=cfg.student_ema_decay)
         # Different noise on every rank from here on (the data order is per-rank by construction).
         torch.manual_seed(cfg.seed * 1000 + 17 + acc.process_index)
@@ -437,7 +437,7 @@ class Trainer:
                 self.step += 1
                 self.method.after_step(self.step)
                 if self.ema is not None:
-                    student = acc.unwrap_model(self.method.trainable_modules()["student"])
+                    student = acc.unwrap_model(self.method.student)
                     self.ema.step([p for p in student.parameters() if p.requires_grad])
                 rate = (self.step - steps_at_start) / max(time.time() - t0, 1e-9)
                 first = self.method.phases[0]
@@ -469,7 +469,7 @@ class Trainer:
 
     def rank_checksums(self) -> list[float]:
         """Sum of the student's weights on every rank (float64): equal on all ranks when DDP kept them in sync."""
-        student = self.accelerator.unwrap_model(self.method.trainable_modules()["student"])
+        student = self.accelerator.unwrap_model(self.method.student)
         total = torch.stack([p.detach().double().sum() for p in student.state_dict().values()]).sum()
         return self.accelerator.gather(total.reshape(1).to(self.accelerator.device)).cpu().tolist()
 
@@ -488,7 +488,7 @@ class Trainer:
 
         if self.ema is None:
             return contextlib.nullcontext()
-        student = self.accelerator.unwrap_model(self.method.trainable_modules()["student"])
+        student = self.accelerator.unwrap_model(self.method.student)
         params = [p for p in student.parameters() if p.requires_grad]
 
         @contextlib.contextmanager

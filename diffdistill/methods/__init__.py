@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import require
+from .adversarial import AdversarialConfig, AdversarialDistillation
 from .base import DistillMethod
 from .consistency import ConsistencyConfig, ConsistencyDistillation
 from .progressive import ProgressiveConfig, ProgressiveDistillation
@@ -28,6 +29,8 @@ METHODS: dict[str, MethodSpec] = {
                       "latent consistency distillation (LCM), full UNet or LoRA, LCMScheduler export"),
     "progressive": MethodSpec(ProgressiveConfig, ProgressiveDistillation,
                               "progressive distillation with guidance distillation: halve steps down to --steps"),
+    "add": MethodSpec(AdversarialConfig, AdversarialDistillation,
+                      "adversarial diffusion distillation (ADD/LADD): discriminator on frozen features + distillation"),
 }
 
 

@@ -46,6 +46,10 @@ class DistillMethod:
         """Trainable parameters of ``phase``'s optimiser."""
         return [p for p in self.student.parameters() if p.requires_grad]
 
+    def learning_rate(self, phase: str, default: float) -> float:
+        """Learning rate of ``phase``'s optimiser (``default``: --learning-rate)."""
+        return default
+
     def trainable_modules(self) -> dict[str, torch.nn.Module]:
         """phase -> the module that phase trains (wrapped by accelerate for DDP)."""
         return {"student": self.student}

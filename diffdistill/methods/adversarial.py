@@ -1,0 +1,375 @@
+"""Adversarial diffusion distillation (Sauer et al. 2023, "ADD"; latent variant Sauer et al. 2024, "LADD").
+
+The student (initialised from the teacher) turns a noised sample x_s, s in a small set of student
+timesteps (e.g. 999, 749, 499, 249), into a clean estimate x^ in one UNet pass. Two losses train it:
+
+* adversarial: a discriminator made of small trainable heads on a FROZEN feature network judges
+  x^ against real data. Default feature network: the teacher UNet itself on re-noised latents, its
+  down-block and mid-block features, conditioned on the pooled text embedding and the UNet's own
+  noise-level embedding (LADD). Or an image-space network from a local folder (e.g. DINOv2) on decoded
+  images. Hinge loss, R1 penalty on real data;
+* distillation: x^ is re-noised at t, the teacher (classifier-free guided) denoises it, and x^ is
+  pulled toward that with weight c(t) = alpha_t^2 (ADD's exponential weighting).
+
+The generator output uses the consistency boundary scalings of ``denoiser.py``, so the exported
+``LCMScheduler`` (original_inference_steps = number of student timesteps) applies exactly the
+training map at each step and re-noises in between, as ADD samples; with guidance_scale <= 1 the
+pipeline runs one UNet pass per step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..config import RunConfig, opt
+from ..denoiser import TIMESTEP_SCALING, Denoiser, consistency_output
+from ..errors import UserError, require
+from ..models import student_from_teacher
+from ..solvers import sample_loop
+from .base import DistillMethod
+
+
+@dataclass
+class AdversarialConfig:
+    """Options of adversarial diffusion distillation (``--method add``)."""
+
+    student_timesteps: int = opt(4, "number of student timesteps, evenly spaced: T/K*(k+1)-1 (4 -> 999, 749, 499, 249)")
+    feature_network: str = opt("teacher", "'teacher' (LADD: the frozen teacher UNet's features on re-noised latents) "
+                                          "or a local folder of an image model loadable with transformers AutoModel")
+    adv_weight: float = opt(0.5, "weight of the generator's adversarial loss")
+    distill_weight: float = opt(1.0, "weight of the score-distillation loss c(t) |x^ - teacher(x^_t)|^2")
+    r1_weight: float = opt(1e-5, "weight of the R1 gradient penalty on real data")
+    disc_learning_rate: float = opt(0.0, "discriminator learning rate (0: the student's)")
+    guidance_scale: float = opt(2.0, "teacher guidance scale in the distillation loss")
+    disc_t_min: int = opt(0, "smallest timestep real/fake latents are re-noised to for the discriminator")
+    disc_t_max: int = opt(750, "largest timestep real/fake latents are re-noised to for the discriminator")
+    synthetic_steps: int = opt(20, "DDIM steps of the teacher for synthetic 'real' data when the data has only prompts")
+
+    def __post_init__(self):
+        require(self.student_timesteps > 0, f"--student-timesteps must be > 0, got {self.student_timesteps}")
+        for name in ("adv_weight", "distill_weight", "r1_weight", "disc_learning_rate", "guidance_scale"):
+            require(getattr(self, name) >= 0, f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        require(self.adv_weight + self.distill_weight > 0, "--adv-weight and --distill-weight cannot both be 0")
+        require(0 <= self.disc_t_min <= self.disc_t_max, f"need 0 <= --disc-t-min <= --disc-t-max, got "
+                                                         f"{self.disc_t_min}, {self.disc_t_max}")
+        require(self.synthetic_steps > 0, f"--synthetic-steps must be > 0, got {self.synthetic_steps}")
+        require(bool(self.feature_network), "--feature-network must not be empty")
+
+
+def student_grid(num_train_timesteps: int, k: int) -> torch.Tensor:
+    """The K student timesteps (T/K)(i+1) - 1, ascending (LCMScheduler's grid for original_inference_steps=K)."""
+    return torch.arange(1, k + 1) * (num_train_timesteps // k) - 1
+
+
+class FeatureHead(torch.nn.Module):
+    """A projection-discriminator head on one feature map: per-location logits plus <cond, features>."""
+
+    def __init__(self, channels: int, cond_dim: int):
+        super().__init__()
+        groups = 32 if channels % 32 == 0 else 1
+        self.body = torch.nn.Sequential(
+            torch.nn.Conv2d(channels, channels, 3, padding=1), torch.nn.GroupNorm(groups, channels), torch.nn.SiLU(),
+            torch.nn.Conv2d(channels, channels, 1))
+        self.out = torch.nn.Conv2d(channels, 1, 1)
+        self.cond = torch.nn.Linear(cond_dim, channels)
+
+    def forward(self, feat: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        h = self.body(feat.float())  # (B, C, h, w)
+        logits = self.out(h) + (h * self.cond(cond.float())[:, :, None, None]).sum(1, keepdim=True) / h.shape[1] ** 0.5
+        return logits.flatten(1).mean(1)  # (B,)
+
+
+class TeacherFeatureNetwork(torch.nn.Module):
+    """LADD: the frozen teacher UNet's down/mid-block features on noised latents, and its noise embedding."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+        self._feats: list[torch.Tensor] = []
+        self._temb: list[torch.Tensor] = []
+        for block in [*unet.down_blocks, unet.mid_block]:
+            block.register_forward_hook(self._keep)
+        unet.time_embedding.register_forward_hook(lambda m, i, o: self._temb.append(o))
+
+    def _keep(self, module, inputs, output):
+        if self._capturing:
+            self._feats.append(output[0] if isinstance(output, tuple) else output)
+
+    _capturing = False
+
+    def channels(self) -> list[int]:
+        cfg = self.unet.config
+        return [*cfg.block_out_channels, cfg.block_out_channels[-1]]
+
+    def cond_dim(self, text_dim: int) -> int:
+        return text_dim + self.unet.time_embedding.linear_2.out_features
+
+    def forward(self, latents: torch.Tensor, t: torch.Tensor, text: torch.Tensor):
+        """(features per block, conditioning vector = [pooled text, noise-level embedding])."""
+        self._feats, self._temb, self._capturing = [], [], True
+        try:
+            self.unet(latents, t, encoder_hidden_states=text)
+        finally:
+            self._capturing = False
+        cond = torch.cat([text.mean(1).float(), self._temb[0].float()], dim=1)
+        return self._feats, cond
+
+
+class ImageFeatureNetwork(torch.nn.Module):
+    """An image model from a local folder (e.g. DINOv2): hidden states of several layers on decoded images."""
+
+    def __init__(self, path: str, vae, scaling_factor: float, double_backward: bool = False):
+        super().__init__()
+        from transformers import AutoConfig, AutoModel
+
+        p = Path(path)
+        require(p.is_dir(), f"--feature-network {path!r}: not 'teacher' and not a local model folder")
+        try:
+            AutoConfig.from_pretrained(str(p), local_files_only=True)
+            # R1 needs double backward, which SDPA kernels lack: eager attention then.
+            kwargs = {"attn_implementation": "eager"} if double_backward else {}
+            self.model = AutoModel.from_pretrained(str(p), local_files_only=True, **kwargs).eval().requires_grad_(False)
+        except Exception as e:  # noqa: BLE001 - any failure to read the folder is one line for the user
+            raise UserError(f"--feature-network {path}: cannot load a model offline: {str(e).splitlines()[0]}") from None
+        if double_backward:
+            import copy
+
+            from diffusers.models.attention_processor import AttnProcessor
+
+            vae = copy.deepcopy(vae)
+            vae.set_attn_processor(AttnProcessor())
+        self.vae, self.scaling = vae, scaling_factor
+        size = getattr(self.model.config, "image_size", 224)
+        self.size = size if isinstance(size, int) else size[0]
+        hidden = getattr(self.model.config, "hidden_size", None)
+        require(hidden is not None, f"--feature-network {path}: the model config has no hidden_size")
+        self.hidden = hidden
+        layers = getattr(self.model.config, "num_hidden_layers", 4)
+        self.layers = sorted({max(1, layers * k // 4) for k in (1, 2, 3, 4)})
+
+    def channels(self) -> list[int]:
+        return [self.hidden] * len(self.layers)
+
+    def cond_dim(self, text_dim: int) -> int:
+        return text_dim
+
+    def forward(self, latents: torch.Tensor, t: torch.Tensor, text: torch.Tensor):
+        images = self.vae.decode(latents / self.scaling).sample.clamp(-1, 1)  # differentiable decode
+        images = F.interpolate((images + 1) / 2, size=(self.size, self.size), mode="bilinear", align_corners=False)
+        out = self.model(pixel_values=images, output_hidden_states=True)
+        feats = []
+        for i in self.layers:
+            h = out.hidden_states[i]  # (B, 1 + N, D) tokens: drop the class token, fold to a grid
+            tokens = h[:, 1:] if h.shape[1] > 1 else h
+            side = int(tokens.shape[1] ** 0.5)
+            feats.append(tokens[:, : side * side].transpose(1, 2).reshape(h.shape[0], h.shape[2], side, side))
+        return feats, text.mean(1).float()
+
+
+class Discriminator(torch.nn.Module):
+    """Trainable heads over a frozen feature network (the feature network is not a submodule: never trained)."""
+
+    def __init__(self, channels: list[int], cond_dim: int):
+        super().__init__()
+        self.heads = torch.nn.ModuleList(FeatureHead(c, cond_dim) for c in channels)
+
+    def forward(self, feats: list[torch.Tensor], cond: torch.Tensor) -> torch.Tensor:
+        return sum(head(f, cond) for head, f in zip(self.heads, feats)) / len(self.heads)
+
+
+def hinge_d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    """Discriminator hinge loss E[relu(1 - D(real))] + E[relu(1 + D(fake))]."""
+    return F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean()
+
+
+def generator_forward(student: Denoiser, batch: dict, grid: torch.Tensor):
+    """x^ = f(x_s, s) for s drawn from the student timesteps: returns (x^, s)."""
+    x0, cond = batch["latents"], batch["cond"]
+    b = x0.shape[0]
+    idx = batch.get("k")
+    if idx is None:
+        idx = torch.randint(0, grid.shape[0], (b,), device=x0.device)
+    s = grid.to(x0.device)[idx]
+    noise = batch.get("noise")
+    x_s = student.schedule.add_noise(x0, torch.randn_like(x0) if noise is None else noise, s)
+    x0_pred, _ = student.x0_eps(x_s, s, cond)
+    return consistency_output(x_s, x0_pred, s, TIMESTEP_SCALING), s
+
+
+def distillation_loss(fake: torch.Tensor, teacher: Denoiser, batch: dict, cfg: AdversarialConfig):
+    """c(t) |x^ - sg(teacher_cfg(x^_t))|^2 with c(t) = alpha_t^2 (ADD, sec. 3.2), t uniform."""
+    b = fake.shape[0]
+    t = torch.randint(1, teacher.schedule.num_train_timesteps, (b,), device=fake.device)
+    with torch.no_grad():
+        x_t = teacher.schedule.add_noise(fake.detach(), torch.randn_like(fake), t)
+        target, _ = teacher.x0_eps(x_t, t, batch["cond"], batch["uncond"], guidance_scale=cfg.guidance_scale)
+    alpha, _ = teacher.schedule.alpha_sigma(t, like=fake)
+    return (alpha**2 * (fake.float() - target.float()) ** 2).mean()
+
+
+def _disc_logits(features, disc, latents, t, text):
+    feats, cond = features(latents, t, text)
+    return disc(feats, cond)
+
+
+def generator_loss(student: Denoiser, teacher: Denoiser, features, disc, batch: dict, grid, cfg: AdversarialConfig):
+    """Generator phase: -D(renoised x^) * adv_weight + distill_weight * distillation loss."""
+    fake, _ = generator_forward(student, batch, grid)
+    logs = {}
+    loss = torch.zeros((), device=fake.device)
+    if cfg.adv_weight > 0:
+        t = torch.randint(cfg.disc_t_min, cfg.disc_t_max + 1, (fake.shape[0],), device=fake.device)
+        fake_t = teacher.schedule.add_noise(fake, torch.randn_like(fake), t)
+        adv = -_disc_logits(features, disc, fake_t, t, batch["cond"]).mean()
+        loss = loss + cfg.adv_weight * adv
+        logs["g_adv"] = adv.item()
+    if cfg.distill_weight > 0:
+        dist = distillation_loss(fake, teacher, batch, cfg)
+        loss = loss + cfg.distill_weight * dist
+        logs["g_distill"] = dist.item()
+    logs["loss"] = loss.item()
+    return loss, logs
+
+
+def discriminator_loss(student: Denoiser, teacher: Denoiser, features, disc, batch: dict, grid, cfg: AdversarialConfig):
+    """Discriminator phase: hinge loss on (real, detached fake) plus R1 on the real inputs."""
+    with torch.no_grad():
+        fake, _ = generator_forward(student, batch, grid)
+    real = batch["latents"]
+    b = real.shape[0]
+    t = torch.randint(cfg.disc_t_min, cfg.disc_t_max + 1, (b,), device=real.device)
+    real_t = teacher.schedule.add_noise(real, torch.randn_like(real), t).detach().requires_grad_(cfg.r1_weight > 0)
+    fake_t = teacher.schedule.add_noise(fake, torch.randn_like(fake), t)
+    real_logits = _disc_logits(features, disc, real_t, t, batch["cond"])
+    fake_logits = _disc_logits(features, disc, fake_t, t, batch["cond"])
+    d_loss = hinge_d_loss(real_logits, fake_logits)
+    logs = {"d_hinge": d_loss.item(), "d_real": real_logits.mean().item(), "d_fake": fake_logits.mean().item()}
+    if cfg.r1_weight > 0:
+        (grad,) = torch.autograd.grad(real_logits.sum(), real_t, create_graph=True)
+        r1 = grad.pow(2).flatten(1).sum(1).mean()
+        d_loss = d_loss + cfg.r1_weight * r1
+        logs["r1"] = r1.item()
+    logs["loss"] = d_loss.item()
+    return d_loss, logs
+
+
+class AdversarialDistillation(DistillMethod):
+    """``--method add``: ADD / LADD with a generator and a discriminator phase through the shared trainer."""
+
+    name = "add"
+    phases = ("discriminator", "generator")
+    recommended_guidance_scale = 1.0  # guidance is distilled; <= 1 makes the pipeline skip the unconditional pass
+
+    def __init__(self, cfg: AdversarialConfig, run: RunConfig):
+        super().__init__(cfg, run)
+        require(run.steps <= cfg.student_timesteps,
+                f"--steps ({run.steps}) must not exceed --student-timesteps ({cfg.student_timesteps})")
+        self.disc = None
+        self.features = None
+        self._uncond = None
+
+    def validate(self, teacher) -> None:
+        t_train = teacher.schedule.num_train_timesteps
+        require(self.cfg.student_timesteps <= t_train, f"--student-timesteps exceeds the teacher's {t_train} timesteps")
+        require(self.cfg.disc_t_max < t_train, f"--disc-t-max must be < {t_train}, got {self.cfg.disc_t_max}")
+        if self.cfg.feature_network != "teacher":  # load it once now: a bad path fails before any output is written
+            ImageFeatureNetwork(self.cfg.feature_network, teacher.vae, teacher.vae.config.scaling_factor)
+
+    def setup(self, teacher) -> None:
+        self.teacher = teacher
+        self.student = student_from_teacher(teacher.unet)
+        if self.cfg.feature_network == "teacher":
+            # A separate frozen copy, so hooks never fire inside the teacher's distillation pass.
+            import copy
+
+            unet = copy.deepcopy(teacher.unet).float().requires_grad_(False).eval()
+            if self.cfg.r1_weight > 0:
+                # R1 differentiates the discriminator's gradient: SDPA kernels have no double backward
+                # (on CPU at least), the classic attention processor has.
+                from diffusers.models.attention_processor import AttnProcessor
+
+                unet.set_attn_processor(AttnProcessor())
+            self.features = TeacherFeatureNetwork(unet)
+        else:
+            self.features = ImageFeatureNetwork(self.cfg.feature_network, teacher.vae, teacher.vae.config.scaling_factor,
+                                                double_backward=self.cfg.r1_weight > 0)
+        text_dim = teacher.pipe.text_encoder.config.hidden_size
+        self.disc = Discriminator(self.features.channels(), self.features.cond_dim(text_dim)).to(teacher.unet.device)
+        self.grid = student_grid(teacher.schedule.num_train_timesteps, self.cfg.student_timesteps)
+
+    def trainable_modules(self) -> dict[str, torch.nn.Module]:
+        return {"generator": self.student, "discriminator": self.disc}
+
+    def set_trainable_modules(self, modules) -> None:
+        self.student, self.disc = modules["generator"], modules["discriminator"]
+
+    def parameters(self, phase: str):
+        module = self.student if phase == "generator" else self.disc
+        return [p for p in module.parameters() if p.requires_grad]
+
+    def learning_rate(self, phase: str, default: float) -> float:
+        if phase == "discriminator" and self.cfg.disc_learning_rate > 0:
+            return self.cfg.disc_learning_rate
+        return default
+
+    def state_modules(self) -> dict[str, torch.nn.Module]:
+        return {"student": self.student, "discriminator": self.disc}
+
+    def _prepare(self, batch: dict) -> dict:
+        teacher = self.teacher
+        device = teacher.unet.device
+        if self._uncond is None:
+            self._uncond = teacher.encode_prompts([""], device)
+        cond = teacher.encode_prompts(batch["prompt"], device)
+        if "pixel_values" in batch:
+            latents = teacher.encode_images(batch["pixel_values"].to(device))
+        else:  # LADD's synthetic data: the teacher's own guided samples stand in for real images
+            latents = self._teacher_samples(cond)
+        return {"latents": latents, "cond": cond, "uncond": self._uncond}
+
+    @torch.no_grad()
+    def _teacher_samples(self, cond: torch.Tensor) -> torch.Tensor:
+        teacher = self.teacher
+        t_train = teacher.schedule.num_train_timesteps
+        n = self.cfg.synthetic_steps
+        grid = [int(t) for t in torch.arange(n, 0, -1) * (t_train // n) - 1]
+        den = teacher.denoiser()
+
+        def guided(x, t):
+            return den.x0_eps(x, t, cond, self._uncond, guidance_scale=self.cfg.guidance_scale)
+
+        x = torch.randn((cond.shape[0], *teacher.latent_shape), device=cond.device)
+        return sample_loop(guided, x, grid, teacher.schedule, solver="ddim")
+
+    def loss(self, phase: str, batch: dict, step: int):
+        prepared = self._prepare(batch)
+        student = Denoiser(self.student, self.teacher.schedule, self.teacher.prediction_type)
+        teacher = self.teacher.denoiser()
+        if phase == "generator":
+            # The generator's loss must not put gradients on the heads: freeze them, and bypass the
+            # DDP wrapper (its reducer would wait for gradients that never come).
+            heads = getattr(self.disc, "module", self.disc)
+            heads.requires_grad_(False)
+            try:
+                return generator_loss(student, teacher, self.features, heads, prepared, self.grid, self.cfg)
+            finally:
+                heads.requires_grad_(True)
+        return discriminator_loss(student, teacher, self.features, self.disc, prepared, self.grid, self.cfg)
+
+    def export_scheduler(self, teacher_scheduler):
+        from diffusers import LCMScheduler
+
+        return LCMScheduler.from_config(teacher_scheduler.config, original_inference_steps=self.cfg.student_timesteps,
+                                        timestep_scaling=TIMESTEP_SCALING, prediction_type=self.teacher.prediction_type,
+                                        clip_sample=False)
+
+    def card_details(self) -> dict:
+        c = self.cfg
+        return {"student timesteps": ", ".join(str(int(t)) for t in self.grid.flip(0)),
+                "feature network": "frozen teacher UNet (LADD)" if c.feature_network == "teacher" else c.feature_network,
+                "losses": f"{c.adv_weight} x hinge adversarial + {c.distill_weight} x distillation "
+                          f"(teacher guidance {c.guidance_scale}), R1 {c.r1_weight}"}
