@@ -3,6 +3,7 @@
     diffdistill distill --config train_scripts/digits/lcm.yaml --output runs/lcm
     diffdistill bench assets/digits-sd --steps 1,2,4,8,50 --output reports/teacher
     diffdistill export runs/lcm --output runs/lcm/pipeline-step500 --checkpoint checkpoint-500
+    diffdistill sds --prompt "a handwritten digit 7" --output runs/sds-7
 
 Every flag of ``distill`` comes from a config dataclass field (its help text and default live there).
 Bad input gives one line ``error: ...`` and exit status 2, never a traceback.
@@ -103,6 +104,28 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_sds_parser(sub) -> None:
+    """``diffdistill sds``: optimise latents for one prompt with score-distillation sampling."""
+    from .sds_optimize import SDSConfig
+
+    p = sub.add_parser("sds", help="optimise images for a prompt with score-distillation sampling (SDS)",
+                       description="Optimise latents for --prompt with SDS against the teacher; writes result.png, "
+                                   "progress.png and result.json (with digit accuracy for digits-SD prompts).")
+    _add_fields(p, SDSConfig, set())
+    p.set_defaults(func=cmd_sds)
+
+
+def cmd_sds(args: argparse.Namespace) -> int:
+    """Run ``sds`` from parsed arguments."""
+    from .config import build_dataclass
+    from .sds_optimize import SDSConfig, run_sds
+
+    values = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
+    result = run_sds(build_dataclass(SDSConfig, values, "sds options"))
+    print(json.dumps(result, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full ``diffdistill`` parser with every subcommand."""
     from . import __version__
@@ -115,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_distill_parser(sub)
     bench.add_parser(sub)
     add_export_parser(sub)
+    add_sds_parser(sub)
     return parser
 
 

@@ -164,17 +164,18 @@ class Trainer:
                 m.enable_xformers_memory_efficient_attention()
         modules = self.method.trainable_modules()
         self.optimizers, self.lr_schedulers = {}, {}
-        for phase in self.method.phases:
+        phases = list(dict.fromkeys(self.method.phases))  # a phase may repeat (DMD2's extra critic updates)
+        for phase in phases:
             params = self.method.parameters(phase)
             require(bool(params), f"method {self.method.name}: phase {phase} has no trainable parameters")
             self.optimizers[phase] = torch.optim.AdamW(
                 params, lr=self.method.learning_rate(phase, cfg.learning_rate), betas=(cfg.adam_beta1, cfg.adam_beta2),
                 weight_decay=cfg.weight_decay, eps=cfg.adam_epsilon)
         names = list(modules)
-        prepared = acc.prepare(*modules.values(), *[self.optimizers[p] for p in self.method.phases])
+        prepared = acc.prepare(*modules.values(), *[self.optimizers[p] for p in phases])
         prepared = prepared if isinstance(prepared, tuple) else (prepared,)
         self.method.set_trainable_modules(dict(zip(names, prepared[: len(names)])))
-        self.optimizers = dict(zip(self.method.phases, prepared[len(names):]))
+        self.optimizers = dict(zip(phases, prepared[len(names):]))
         for phase, opt in self.optimizers.items():
             self.lr_schedulers[phase] = get_scheduler(
                 cfg.lr_scheduler, optimizer=opt, num_warmup_steps=cfg.lr_warmup_steps,
@@ -430,7 +431,7 @@ class Trainer:
                                 acc.clip_grad_norm_(self.method.parameters(phase), cfg.max_grad_norm)
                             self.optimizers[phase].step()
                             self.optimizers[phase].zero_grad(set_to_none=True)
-                            prefix = "" if len(self.method.phases) == 1 else f"{phase}/"
+                            prefix = "" if len(self.optimizers) == 1 else f"{phase}/"
                             logs.update({prefix + k: v for k, v in phase_logs.items()})
                 for sched in self.lr_schedulers.values():
                     sched.step()

@@ -13,6 +13,7 @@ from .adversarial import AdversarialConfig, AdversarialDistillation
 from .base import DistillMethod
 from .consistency import ConsistencyConfig, ConsistencyDistillation
 from .progressive import ProgressiveConfig, ProgressiveDistillation
+from .score import DistributionMatchingDistillation, ScoreConfig, ScoreDistillation
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,10 @@ METHODS: dict[str, MethodSpec] = {
                               "progressive distillation with guidance distillation: halve steps down to --steps"),
     "add": MethodSpec(AdversarialConfig, AdversarialDistillation,
                       "adversarial diffusion distillation (ADD/LADD): discriminator on frozen features + distillation"),
+    "dmd": MethodSpec(ScoreConfig, DistributionMatchingDistillation,
+                      "one-step student by distribution matching (DMD/DMD2): teacher score minus an online fake score"),
+    "sds": MethodSpec(ScoreConfig, ScoreDistillation,
+                      "one-step student by plain score distillation sampling (the SDS baseline DMD improves on)"),
 }
 
 

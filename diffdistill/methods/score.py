@@ -1,0 +1,275 @@
+"""Score distillation: SDS for any differentiable generator (Poole et al. 2022, DreamFusion), and a one-step
+student trained by distribution matching (Wang et al. 2023 "VSD"; Yin et al. 2024 "DMD", "DMD2").
+
+SDS pushes a generator's output x = g(theta) along w(t) (eps_teacher(x_t, t, y; guidance) - eps) without
+back-propagating through the teacher UNet. It is known to over-saturate and to collapse modes.
+
+Distribution matching replaces the injected noise eps by a second, "fake" score network trained online
+on the generator's own samples, so the update is the difference of two scores,
+    grad = (x0_fake(x_t) - x0_real(x_t)) / mean|x - x0_real(x_t)|      (DMD, eq. 7-8 with its weighting)
+which moves the generator's distribution toward the teacher's instead of every sample toward a mode.
+The fake score network is trained with the usual denoising loss on detached generator samples, in its
+own optimiser phase of the shared trainer (DMD2 updates it more often than the generator).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..config import RunConfig, opt
+from ..denoiser import TIMESTEP_SCALING, Denoiser, consistency_output
+from ..errors import require
+from ..models import student_from_teacher
+from ..solvers import sample_loop
+from .base import DistillMethod
+
+WEIGHTINGS = ("uniform", "sigma2", "dreamfusion")
+
+
+class DifferentiableGenerator(torch.nn.Module):
+    """Anything that maps its parameters (and optionally noise and text) to latents (B, C, h, w).
+
+    Subclass it and implement ``forward(noise, cond) -> latents`` to plug your own renderer (a NeRF, a
+    3D Gaussian rasteriser, ...) into ``sds_loss``; the output shape must match the teacher's latents.
+    """
+
+    def forward(self, noise: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class LatentGenerator(DifferentiableGenerator):
+    """The classic 2D SDS setting: the latents themselves are the parameters (one per image)."""
+
+    def __init__(self, shape: tuple[int, ...], init_std: float = 1.0, generator: torch.Generator | None = None):
+        super().__init__()
+        self.latents = torch.nn.Parameter(torch.randn(shape, generator=generator) * init_std)
+
+    def forward(self, noise: torch.Tensor | None = None, cond: torch.Tensor | None = None) -> torch.Tensor:
+        return self.latents
+
+
+class OneStepUNetGenerator(DifferentiableGenerator):
+    """A one-step student: pure noise at t = T - 1 -> latents, f = c_skip z + c_out x0_hat (denoiser.py)."""
+
+    def __init__(self, unet, schedule, prediction_type: str):
+        super().__init__()
+        self.unet = unet
+        self.denoiser = Denoiser(unet, schedule, prediction_type)
+        self.t_start = schedule.num_train_timesteps - 1
+
+    def forward(self, noise: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        t = torch.full((noise.shape[0],), self.t_start, device=noise.device)
+        x0, _ = self.denoiser.x0_eps(noise, t, cond)
+        return consistency_output(noise, x0, t, TIMESTEP_SCALING)
+
+
+def sds_weight(schedule, t: torch.Tensor, like: torch.Tensor, weighting: str) -> torch.Tensor:
+    """w(t): uniform 1, sigma_t^2, or DreamFusion's sigma_t^2 / alpha_t (its eq. 3 in VP form)."""
+    alpha, sigma = schedule.alpha_sigma(t, like=like)
+    if weighting == "uniform":
+        return torch.ones_like(alpha)
+    if weighting == "sigma2":
+        return sigma**2
+    if weighting == "dreamfusion":
+        return sigma**2 / alpha
+    raise ValueError(f"unknown weighting {weighting!r}; expected one of {WEIGHTINGS}")
+
+
+def inject_gradient(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """A scalar whose gradient w.r.t. x is exactly ``grad`` (summed over the batch): 0.5|x - sg(x - grad)|^2."""
+    target = (x - grad).detach()
+    return 0.5 * ((x.float() - target.float()) ** 2).sum()
+
+
+def sds_gradient(x: torch.Tensor, teacher: Denoiser, cond, uncond, guidance_scale: float, t: torch.Tensor,
+                 noise: torch.Tensor, weighting: str) -> torch.Tensor:
+    """w(t) (eps_teacher(x_t, t, y; CFG) - eps), computed without a graph through the teacher."""
+    with torch.no_grad():
+        x_t = teacher.schedule.add_noise(x.detach(), noise, t)
+        _, eps_hat = teacher.x0_eps(x_t, t, cond, uncond, guidance_scale=guidance_scale)
+        return sds_weight(teacher.schedule, t, x, weighting) * (eps_hat - noise)
+
+
+@dataclass
+class ScoreConfig:
+    """Options of score distillation (``--method sds`` and ``--method dmd``)."""
+
+    guidance_scale: float = opt(2.0, "teacher classifier-free guidance in the real score (diffusers convention)")
+    t_min: int = opt(20, "smallest timestep sampled for the score")
+    t_max: int = opt(980, "largest timestep sampled for the score")
+    t_max_end: int = opt(-1, "anneal t_max linearly to this value over the run (-1: no annealing)")
+    weighting: str = opt("dreamfusion", f"SDS weighting w(t): {', '.join(WEIGHTINGS)}")
+    fake_learning_rate: float = opt(0.0, "DMD: learning rate of the fake score network (0: the generator's)")
+    fake_updates: int = opt(1, "DMD: fake-score updates per generator update (DMD2 uses 5)")
+    regression_weight: float = opt(0.0, "DMD: weight of a regression loss to the teacher's ODE sample of the same noise")
+    regression_steps: int = opt(8, "DMD: teacher DDIM steps of the regression target")
+
+    def __post_init__(self):
+        require(self.guidance_scale >= 0, f"--guidance-scale must be >= 0, got {self.guidance_scale}")
+        require(0 <= self.t_min <= self.t_max, f"need 0 <= --t-min <= --t-max, got {self.t_min}, {self.t_max}")
+        require(self.t_max_end == -1 or self.t_min <= self.t_max_end <= self.t_max,
+                f"--t-max-end must be -1 or in [--t-min, --t-max], got {self.t_max_end}")
+        require(self.weighting in WEIGHTINGS, f"--weighting must be one of {', '.join(WEIGHTINGS)}, got {self.weighting!r}")
+        require(self.fake_learning_rate >= 0, f"--fake-learning-rate must be >= 0, got {self.fake_learning_rate}")
+        require(self.fake_updates >= 1, f"--fake-updates must be >= 1, got {self.fake_updates}")
+        require(self.regression_weight >= 0, f"--regression-weight must be >= 0, got {self.regression_weight}")
+        require(self.regression_steps >= 1, f"--regression-steps must be >= 1, got {self.regression_steps}")
+
+
+def sample_timesteps(cfg: ScoreConfig, b: int, progress: float, device) -> torch.Tensor:
+    """Uniform timesteps in [t_min, t_max(progress)], t_max annealed toward t_max_end."""
+    t_max = cfg.t_max if cfg.t_max_end < 0 else round(cfg.t_max + (cfg.t_max_end - cfg.t_max) * progress)
+    return torch.randint(cfg.t_min, t_max + 1, (b,), device=device)
+
+
+def dmd_gradient(x: torch.Tensor, teacher: Denoiser, fake: Denoiser, cond, uncond, cfg: ScoreConfig,
+                 t: torch.Tensor) -> torch.Tensor:
+    """DMD's distribution-matching gradient (x0_fake - x0_real) / mean|x - x0_real|, per sample."""
+    with torch.no_grad():
+        x_t = teacher.schedule.add_noise(x.detach(), torch.randn_like(x), t)
+        real, _ = teacher.x0_eps(x_t, t, cond, uncond, guidance_scale=cfg.guidance_scale)
+        fake_x0, _ = fake.x0_eps(x_t, t, cond)
+        norm = (x.detach() - real).abs().flatten(1).mean(1).clamp(min=1e-5)[:, None, None, None]
+        return (fake_x0 - real) / norm
+
+
+def fake_score_loss(fake: Denoiser, samples: torch.Tensor, cond: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Denoising loss of the fake score network on (detached) generator samples, in epsilon space."""
+    noise = torch.randn_like(samples)
+    x_t = fake.schedule.add_noise(samples.detach(), noise, t)
+    _, eps = fake.x0_eps(x_t, t, cond)
+    return ((eps.float() - noise.float()) ** 2).mean()
+
+
+class ScoreDistillation(DistillMethod):
+    """``--method sds`` / ``--method dmd``: a one-step UNet student trained by SDS or distribution matching."""
+
+    name = "sds"
+    use_fake_score = False
+    recommended_guidance_scale = 1.0
+
+    def __init__(self, cfg: ScoreConfig, run: RunConfig):
+        super().__init__(cfg, run)
+        require(run.steps == 1, f"--method {self.name} trains a one-step generator: --steps must be 1, got {run.steps}")
+        self.phases = ("fake_score",) * cfg.fake_updates + ("generator",) if self.use_fake_score else ("generator",)
+        self.fake = None
+        self._uncond = None
+
+    def validate(self, teacher) -> None:
+        t_train = teacher.schedule.num_train_timesteps
+        require(self.cfg.t_max < t_train, f"--t-max must be < {t_train} (the teacher's timesteps), got {self.cfg.t_max}")
+
+    def setup(self, teacher) -> None:
+        self.teacher = teacher
+        self.student = student_from_teacher(teacher.unet)
+        if self.use_fake_score:
+            self.fake = student_from_teacher(teacher.unet)
+
+    def trainable_modules(self):
+        mods = {"generator": self.student}
+        if self.fake is not None:
+            mods["fake_score"] = self.fake
+        return mods
+
+    def set_trainable_modules(self, modules) -> None:
+        self.student = modules["generator"]
+        self.fake = modules.get("fake_score")
+
+    def parameters(self, phase: str):
+        module = self.student if phase == "generator" else self.fake
+        return [p for p in module.parameters() if p.requires_grad]
+
+    def learning_rate(self, phase: str, default: float) -> float:
+        if phase == "fake_score" and self.cfg.fake_learning_rate > 0:
+            return self.cfg.fake_learning_rate
+        return default
+
+    def state_modules(self):
+        mods = {"student": self.student}
+        if self.fake is not None:
+            mods["fake_score"] = self.fake
+        return mods
+
+    def _generator(self) -> OneStepUNetGenerator:
+        return OneStepUNetGenerator(self.student, self.teacher.schedule, self.teacher.prediction_type)
+
+    def _prompts(self, batch: dict):
+        device = self.teacher.unet.device
+        if self._uncond is None:
+            self._uncond = self.teacher.encode_prompts([""], device)
+        return self.teacher.encode_prompts(batch["prompt"], device)
+
+    def loss(self, phase: str, batch: dict, step: int):
+        cond = self._prompts(batch)
+        b = cond.shape[0]
+        noise = torch.randn((b, *self.teacher.latent_shape), device=cond.device)
+        progress = step / max(self.run.train.max_train_steps - 1, 1)
+        t = sample_timesteps(self.cfg, b, progress, cond.device)
+        teacher = self.teacher.denoiser()
+        if phase == "fake_score":
+            with torch.no_grad():
+                samples = self._generator()(noise, cond)
+            fake = Denoiser(self.fake, self.teacher.schedule, self.teacher.prediction_type)
+            loss = fake_score_loss(fake, samples, cond, t)
+            return loss, {"loss": loss.item()}
+        # Generator phase; the fake network is read without gradients and bypassing its DDP wrapper.
+        x = self._generator()(noise, cond)
+        if self.use_fake_score:
+            fake_net = getattr(self.fake, "module", self.fake)
+            grad = dmd_gradient(x, teacher, Denoiser(fake_net, self.teacher.schedule, self.teacher.prediction_type),
+                                cond, self._uncond, self.cfg, t)
+        else:
+            grad = sds_gradient(x, teacher, cond, self._uncond, self.cfg.guidance_scale, t, torch.randn_like(x),
+                                self.cfg.weighting)
+        loss = inject_gradient(x, grad) / b
+        logs = {"grad_norm": grad.flatten(1).norm(dim=1).mean().item()}
+        if self.cfg.regression_weight > 0:
+            target = self._teacher_sample(noise, cond)
+            reg = ((x.float() - target.float()) ** 2).mean()
+            loss = loss + self.cfg.regression_weight * reg
+            logs["regression"] = reg.item()
+        logs["loss"] = loss.item()
+        return loss, logs
+
+    @torch.no_grad()
+    def _teacher_sample(self, noise: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """The teacher's guided DDIM sample from the same noise (DMD's regression pairs, computed on the fly)."""
+        t_train = self.teacher.schedule.num_train_timesteps
+        n = self.cfg.regression_steps
+        grid = [int(v) for v in torch.arange(n, 0, -1) * (t_train // n) - 1]
+        den = self.teacher.denoiser()
+
+        def guided(x, t):
+            return den.x0_eps(x, t, cond, self._uncond, guidance_scale=self.cfg.guidance_scale)
+
+        return sample_loop(guided, noise, grid, self.teacher.schedule, solver="ddim")
+
+    def export_scheduler(self, teacher_scheduler):
+        from diffusers import LCMScheduler
+
+        # One step from t = T - 1 with the same boundary scalings as OneStepUNetGenerator.
+        return LCMScheduler.from_config(teacher_scheduler.config, original_inference_steps=1,
+                                        timestep_scaling=TIMESTEP_SCALING, prediction_type=self.teacher.prediction_type,
+                                        clip_sample=False)
+
+    def card_details(self) -> dict:
+        c = self.cfg
+        d = {"generator": "one-step UNet student (t = T-1 -> x0), LCMScheduler preset with 1 step",
+             "teacher guidance": c.guidance_scale, "timesteps": f"[{c.t_min}, {c.t_max}]"}
+        if self.use_fake_score:
+            d["update"] = f"distribution matching, fake score updated {c.fake_updates}x per generator step"
+            if c.regression_weight:
+                d["regression"] = f"weight {c.regression_weight}, teacher {c.regression_steps}-step DDIM targets"
+        else:
+            d["update"] = f"SDS, weighting {c.weighting}"
+        return d
+
+
+class DistributionMatchingDistillation(ScoreDistillation):
+    """``--method dmd``: the one-step student with a fake score network (DMD / DMD2)."""
+
+    name = "dmd"
+    use_fake_score = True
+

@@ -1,0 +1,144 @@
+"""Score distillation: the injected SDS gradient equals its formula; DMD/SDS one-step students; `diffdistill sds`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from diffdistill.cli import main
+from diffdistill.config import build_run_config
+from diffdistill.denoiser import Denoiser
+from diffdistill.errors import UserError
+from diffdistill.methods.score import (
+    LatentGenerator,
+    ScoreConfig,
+    dmd_gradient,
+    inject_gradient,
+    sds_gradient,
+    sds_weight,
+)
+
+
+def test_injected_gradient_equals_the_sds_formula(tiny_sd):
+    """d/dx of the injected loss must be w(t) (eps_hat(x_t) - eps) and nothing flows into the teacher."""
+    from diffdistill.models import load_teacher
+
+    teacher = load_teacher(tiny_sd)
+    den = teacher.denoiser()
+    gen = LatentGenerator((3, 4, 8, 8), generator=torch.Generator().manual_seed(0))
+    cond = teacher.encode_prompts(["a handwritten digit 1"] * 3)
+    uncond = teacher.encode_prompts([""])
+    t, noise = torch.tensor([100, 500, 900]), torch.randn(3, 4, 8, 8)
+    x = gen()
+    g = sds_gradient(x, den, cond, uncond, 3.0, t, noise, "dreamfusion")
+    inject_gradient(x, g).backward()
+    # the formula, written out independently
+    with torch.no_grad():
+        x_t = teacher.schedule.add_noise(x.detach(), noise, t)
+        eps_u = teacher.unet(x_t, t, encoder_hidden_states=uncond.expand(3, -1, -1)).sample
+        eps_c = teacher.unet(x_t, t, encoder_hidden_states=cond).sample
+        eps_hat = eps_u + 3.0 * (eps_c - eps_u)
+        acp = teacher.schedule.alphas_cumprod[t].float()[:, None, None, None]
+        expected = (1 - acp) / acp.sqrt() * (eps_hat - noise)
+    torch.testing.assert_close(gen.latents.grad, expected, atol=1e-5, rtol=1e-4)
+    assert all(p.grad is None for p in teacher.unet.parameters())
+
+
+def test_sds_weightings():
+    from diffusers import DDPMScheduler
+
+    from diffdistill.denoiser import NoiseSchedule
+
+    sched = NoiseSchedule.from_scheduler(DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012))
+    x, t = torch.zeros(1, 1, 1, 1), torch.tensor([500])
+    a, s = sched.alpha_sigma(t, like=x)
+    assert sds_weight(sched, t, x, "uniform").item() == 1.0
+    assert sds_weight(sched, t, x, "sigma2").item() == pytest.approx((s**2).item())
+
+
+def test_dmd_gradient_vanishes_when_fake_equals_real(tiny_sd):
+    """If the fake score equals the (unguided) teacher, generator and teacher distributions match: no update."""
+    from diffdistill.models import load_teacher
+
+    teacher = load_teacher(tiny_sd)
+    den = teacher.denoiser()
+    cond = teacher.encode_prompts(["a handwritten digit 2"] * 2)
+    cfg = ScoreConfig(guidance_scale=1.0)
+    g = dmd_gradient(torch.randn(2, 4, 8, 8), den, Denoiser(teacher.unet, teacher.schedule, "epsilon"), cond,
+                     teacher.encode_prompts([""]), cfg, torch.tensor([300, 700]))
+    assert g.abs().max().item() < 1e-5
+    other = Denoiser(torch.nn.Module(), teacher.schedule, "epsilon")
+    other.unet = lambda x, t, encoder_hidden_states, timestep_cond=None: type("O", (), {"sample": torch.zeros_like(x)})()
+    other.unet.config = type("C", (), {"time_cond_proj_dim": None})()
+    assert dmd_gradient(torch.randn(2, 4, 8, 8), den, other, cond, teacher.encode_prompts([""]), cfg,
+                        torch.tensor([300, 700])).abs().max().item() > 1e-3
+
+
+def _run(teacher, out, method, **kw):
+    values = {"method": method, "teacher": teacher, "output": str(out), "steps": 1, "batch_size": 2,
+              "max_train_steps": 2, "checkpointing_steps": 0, "validation_steps": 0, "lr_warmup_steps": 0,
+              "benchmark_samples": 0, **kw}
+    return build_run_config({}, values)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["dmd", "sds"])
+def test_one_step_students_train_and_export(method, tiny_sd, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    from diffdistill.distill import run_distill
+
+    extra = {"fake_updates": 2, "regression_weight": 0.5, "regression_steps": 2} if method == "dmd" else {}
+    summary = run_distill(_run(tiny_sd, tmp_path / "run", method, **extra))
+    header = (tmp_path / "run" / "logs.csv").read_text().splitlines()[0]
+    if method == "dmd":
+        assert "fake_score/loss" in header and "generator/regression" in header
+    pipe = DiffusionPipeline.from_pretrained(summary["pipeline"])
+    pipe.set_progress_bar_config(disable=True)
+    calls: list[int] = []
+    pipe.unet.register_forward_pre_hook(lambda m, a: calls.append(1))
+    img = pipe("a handwritten digit 5", num_inference_steps=1, guidance_scale=1.0, output_type="pt").images
+    assert len(calls) == 1 and torch.isfinite(img).all()
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(guidance_scale=-1.0), "--guidance-scale"),
+    (dict(t_min=10, t_max=5), "--t-min"),
+    (dict(weighting="magic"), "--weighting"),
+    (dict(fake_updates=0), "--fake-updates"),
+])
+def test_bad_score_config(kw, msg):
+    with pytest.raises(UserError, match=msg):
+        ScoreConfig(**kw)
+
+
+def test_score_methods_reject_bad_runs(tiny_sd, tmp_path):
+    from diffdistill.distill import run_distill
+
+    with pytest.raises(UserError, match="--steps must be 1"):
+        run_distill(_run(tiny_sd, tmp_path / "a", "dmd", steps=4))
+    with pytest.raises(UserError, match="--t-max must be < 1000"):
+        run_distill(_run(tiny_sd, tmp_path / "b", "dmd", t_max=1000))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    with pytest.raises(UserError, match="empty"):
+        run_distill(_run(tiny_sd, tmp_path / "c", "dmd", dataset=str(empty)))
+    assert not any((tmp_path / d).exists() for d in "abc")
+
+
+@pytest.mark.slow
+def test_sds_command_writes_result_and_progress(tiny_sd, tmp_path, capsys):
+    out = tmp_path / "sds"
+    assert main(["sds", "--teacher", tiny_sd, "--prompt", "a handwritten digit 7", "--output", str(out),
+                 "--iters", "4", "--num-images", "2", "--snapshots", "2"]) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert (out / "result.png").is_file() and (out / "progress.png").is_file()
+    assert len(result["predicted_digits"]) == 2 and 0.0 <= result["accuracy"] <= 1.0
+    capsys.readouterr()
+    assert main(["sds", "--teacher", tiny_sd, "--prompt", " ", "--output", str(tmp_path / "x")]) == 2
+    assert "--prompt" in capsys.readouterr().err
+    assert main(["sds", "--teacher", tiny_sd, "--prompt", "a", "--output", str(tmp_path / "x"),
+                 "--guidance-scale", "-2"]) == 2
+    assert not (tmp_path / "x").exists()
