@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from .fsutil import replace_dir
 from .loading import quiet_loading
 
 EXPORT_INFO = "diffdistill.json"
@@ -36,18 +37,6 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     save_image(images.float().cpu(), str(path), nrow=max(1, nrow), padding=2, pad_value=1.0)
-
-
-def _replace_dir(tmp: Path, final: Path) -> None:
-    """Move the finished ``tmp`` folder to ``final``, replacing an older export only now that the new one is good."""
-    old = None
-    if final.exists():
-        old = final.with_name(final.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-    tmp.rename(final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def verify_pipeline(folder: Path, prompt: str, steps: int, guidance_scale: float) -> torch.Tensor:
@@ -84,7 +73,7 @@ def export_pipeline(teacher, unet, scheduler, folder: Path, steps: int, guidance
     except Exception:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _replace_dir(tmp, folder)
+    replace_dir(tmp, folder)
     return folder
 
 
@@ -113,7 +102,7 @@ def export_lora(teacher, lora_state: dict, folder: Path, scheduler, steps: int, 
     except Exception:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _replace_dir(tmp, folder)
+    replace_dir(tmp, folder)
     return folder
 
 

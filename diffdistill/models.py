@@ -108,6 +108,22 @@ class Teacher:
         return post.sample(generator) * vae.config.scaling_factor
 
     @torch.no_grad()
+    def sample(self, cond: torch.Tensor, uncond: torch.Tensor, guidance_scale: float, steps: int,
+               noise: torch.Tensor | None = None) -> torch.Tensor:
+        """The teacher's own guided DDIM sample in ``steps`` steps (from ``noise``, else fresh noise): latents."""
+        from .solvers import sample_loop
+
+        t_train = self.schedule.num_train_timesteps
+        grid = [int(v) for v in torch.arange(steps, 0, -1) * (t_train // steps) - 1]
+        den = self.denoiser()
+
+        def guided(x, t):
+            return den.x0_eps(x, t, cond, uncond, guidance_scale=guidance_scale)
+
+        x = noise if noise is not None else torch.randn((cond.shape[0], *self.latent_shape), device=cond.device)
+        return sample_loop(guided, x, grid, self.schedule, solver="ddim")
+
+    @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents -> images in [-1, 1]."""
         vae = self.vae

@@ -16,6 +16,7 @@ import torch
 
 from .config import opt
 from .errors import require
+from .fsutil import replace_dir
 from .methods.score import WEIGHTINGS, DifferentiableGenerator, LatentGenerator, inject_gradient, sds_gradient
 
 
@@ -112,7 +113,5 @@ def run_sds(cfg: SDSConfig) -> dict:
         result["predicted_digits"] = pred.tolist()
         result["accuracy"] = float((pred == label).float().mean())
     (tmp / "result.json").write_text(json.dumps(result, indent=2) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    replace_dir(tmp, out)
     return result

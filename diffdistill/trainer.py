@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 from .config import RunConfig
 from .data import collate
 from .errors import UserError, require
+from .fsutil import replace_dir
 from .methods.base import DistillMethod
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -252,14 +253,7 @@ class Trainer:
             state = {"step": self.step, "batches_seen": self.batches_seen, "method": self.method.name,
                      "num_processes": acc.num_processes, "modules": meta}
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))  # written last: marks completeness
-            old = None
-            if final.exists():
-                old = final.with_name(final.name + ".old")
-                shutil.rmtree(old, ignore_errors=True)
-                final.rename(old)
-            tmp.rename(final)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
+            replace_dir(tmp, final)
             self._prune()
         acc.wait_for_everyone()
         return final

@@ -29,7 +29,6 @@ from ..config import RunConfig, opt
 from ..denoiser import TIMESTEP_SCALING, Denoiser, consistency_output
 from ..errors import UserError, require
 from ..models import student_from_teacher
-from ..solvers import sample_loop
 from .base import DistillMethod
 
 
@@ -328,22 +327,8 @@ class AdversarialDistillation(DistillMethod):
         if "pixel_values" in batch:
             latents = teacher.encode_images(batch["pixel_values"].to(device))
         else:  # LADD's synthetic data: the teacher's own guided samples stand in for real images
-            latents = self._teacher_samples(cond)
+            latents = teacher.sample(cond, self._uncond, self.cfg.guidance_scale, self.cfg.synthetic_steps)
         return {"latents": latents, "cond": cond, "uncond": self._uncond}
-
-    @torch.no_grad()
-    def _teacher_samples(self, cond: torch.Tensor) -> torch.Tensor:
-        teacher = self.teacher
-        t_train = teacher.schedule.num_train_timesteps
-        n = self.cfg.synthetic_steps
-        grid = [int(t) for t in torch.arange(n, 0, -1) * (t_train // n) - 1]
-        den = teacher.denoiser()
-
-        def guided(x, t):
-            return den.x0_eps(x, t, cond, self._uncond, guidance_scale=self.cfg.guidance_scale)
-
-        x = torch.randn((cond.shape[0], *teacher.latent_shape), device=cond.device)
-        return sample_loop(guided, x, grid, teacher.schedule, solver="ddim")
 
     def loss(self, phase: str, batch: dict, step: int):
         prepared = self._prepare(batch)

@@ -114,6 +114,16 @@ def x0_weight(schedule: NoiseSchedule, t: torch.Tensor, like: torch.Tensor, min_
     return torch.clamp(alpha**2 / sigma**2, min=min_weight)
 
 
+def _guidance_and_noised(batch: dict, cfg: ProgressiveConfig, sched: NoiseSchedule, t: torch.Tensor):
+    """The batch's guidance scales w (B,) (drawn in [w_min, w_max] unless given) and z_t = q(z_t | x0)."""
+    x0 = batch["latents"]
+    w = batch.get("w")
+    if w is None:
+        w = cfg.w_min + (cfg.w_max - cfg.w_min) * torch.rand(x0.shape[0], device=x0.device)
+    noise = batch.get("noise")
+    return w, sched.add_noise(x0, torch.randn_like(x0) if noise is None else noise, t)
+
+
 def guidance_distillation_loss(student: Denoiser, teacher: Denoiser, batch: dict, cfg: ProgressiveConfig):
     """Stage 0: the w-conditioned student's x0 matches the teacher's CFG x0 at scale w (one pass vs two)."""
     x0, cond, uncond = batch["latents"], batch["cond"], batch["uncond"]
@@ -121,11 +131,7 @@ def guidance_distillation_loss(student: Denoiser, teacher: Denoiser, batch: dict
     t = batch.get("t")
     if t is None:
         t = torch.randint(0, sched.num_train_timesteps, (b,), device=x0.device)
-    w = batch.get("w")
-    if w is None:
-        w = cfg.w_min + (cfg.w_max - cfg.w_min) * torch.rand(b, device=x0.device)
-    noise = batch.get("noise")
-    z_t = sched.add_noise(x0, torch.randn_like(x0) if noise is None else noise, t)
+    w, z_t = _guidance_and_noised(batch, cfg, sched, t)
     with torch.no_grad():
         target, _ = teacher.x0_eps(z_t, t, cond, uncond, guidance_scale=w)
     pred, _ = student.x0_eps(z_t, t, cond, guidance_scale=w)
@@ -148,11 +154,7 @@ def progressive_loss(student: Denoiser, teacher: Denoiser, batch: dict, cfg: Pro
     if j is None:
         j = torch.randint(0, n_student, (b,), device=x0.device)
     t, mid, s = grid[2 * j], grid[2 * j + 1], grid[2 * j + 2]
-    w = batch.get("w")
-    if w is None:
-        w = cfg.w_min + (cfg.w_max - cfg.w_min) * torch.rand(b, device=x0.device)
-    noise = batch.get("noise")
-    z_t = sched.add_noise(x0, torch.randn_like(x0) if noise is None else noise, t)
+    w, z_t = _guidance_and_noised(batch, cfg, sched, t)
     with torch.no_grad():
         def denoise(x, tt):
             return teacher.x0_eps(x, tt, cond, uncond, guidance_scale=w)

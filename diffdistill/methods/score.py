@@ -22,7 +22,6 @@ from ..config import RunConfig, opt
 from ..denoiser import TIMESTEP_SCALING, Denoiser, consistency_output
 from ..errors import require
 from ..models import student_from_teacher
-from ..solvers import sample_loop
 from .base import DistillMethod
 
 WEIGHTINGS = ("uniform", "sigma2", "dreamfusion")
@@ -226,25 +225,12 @@ class ScoreDistillation(DistillMethod):
         loss = inject_gradient(x, grad) / b
         logs = {"grad_norm": grad.flatten(1).norm(dim=1).mean().item()}
         if self.cfg.regression_weight > 0:
-            target = self._teacher_sample(noise, cond)
+            target = self.teacher.sample(cond, self._uncond, self.cfg.guidance_scale, self.cfg.regression_steps, noise)
             reg = ((x.float() - target.float()) ** 2).mean()
             loss = loss + self.cfg.regression_weight * reg
             logs["regression"] = reg.item()
         logs["loss"] = loss.item()
         return loss, logs
-
-    @torch.no_grad()
-    def _teacher_sample(self, noise: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """The teacher's guided DDIM sample from the same noise (DMD's regression pairs, computed on the fly)."""
-        t_train = self.teacher.schedule.num_train_timesteps
-        n = self.cfg.regression_steps
-        grid = [int(v) for v in torch.arange(n, 0, -1) * (t_train // n) - 1]
-        den = self.teacher.denoiser()
-
-        def guided(x, t):
-            return den.x0_eps(x, t, cond, self._uncond, guidance_scale=self.cfg.guidance_scale)
-
-        return sample_loop(guided, noise, grid, self.teacher.schedule, solver="ddim")
 
     def export_scheduler(self, teacher_scheduler):
         from diffusers import LCMScheduler
