@@ -30,3 +30,12 @@ def tiny_sd(tmp_path_factory):
 def tiny_sd_v(tmp_path_factory):
     """The same tiny pipeline with a v-prediction scheduler."""
     return _save_tiny(tmp_path_factory.mktemp("tiny-sd-v") / "pipe", prediction_type="v_prediction")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """accelerate keeps one process-wide state; tests that change mixed precision need a fresh one."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)

@@ -152,3 +152,41 @@ def test_two_process_ddp_ranks_stay_identical(tiny_sd, tmp_path):
     assert summary["num_processes"] == 2 and len(sums) == 2 and sums[0] == sums[1]
     w = load_file(str(out / "checkpoints" / "checkpoint-3" / "model_student.safetensors"))
     assert float(torch.stack([v.double().sum() for v in w.values()]).sum()) == pytest.approx(sums[0], rel=1e-12)
+
+
+def _trainer(tiny_sd, out, **kw):
+    from diffdistill.data import build_dataset
+    from diffdistill.methods import get_method
+    from diffdistill.models import load_teacher
+    from diffdistill.trainer import Trainer
+
+    values = {"teacher": tiny_sd, "output": str(out), "max_train_steps": 4, "batch_size": 2, "validation_steps": 0,
+              "lr_warmup_steps": 0, "num_ddim_timesteps": 10, "w_min": 1.0, "w_max": 2.0, **kw}
+    run = build_run_config({}, values)
+    spec = get_method("lcm")
+    method = spec.method_cls(spec.config_cls(**run.method_args), run)
+    teacher = load_teacher(tiny_sd, dtype=torch.bfloat16 if run.train.mixed_precision == "bf16" else torch.float32)
+    return Trainer(run, method, teacher, out, build_dataset(run.data, 32))
+
+
+def test_checkpoints_total_limit_prunes_old_checkpoints(tiny_sd, tmp_path):
+    _trainer(tiny_sd, tmp_path, max_train_steps=5, checkpointing_steps=1, checkpoints_total_limit=2).fit()
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["checkpoint-4", "checkpoint-5"]
+    assert not list((tmp_path / "checkpoints").glob(".tmp*"))
+
+
+def test_bf16_mixed_precision_on_cpu(tiny_sd, tmp_path):
+    tr = _trainer(tiny_sd, tmp_path, mixed_precision="bf16", max_train_steps=2, checkpointing_steps=0)
+    assert tr.teacher.unet.dtype == torch.bfloat16 and tr.teacher.vae.dtype == torch.float32  # VAE stays fp32
+    result = tr.fit()
+    assert torch.isfinite(torch.tensor(result.last_logs["loss"]))
+    student = tr.method.student
+    assert next(student.parameters()).dtype == torch.float32  # master weights stay fp32
+
+
+def test_gradient_accumulation_and_checkpointing_flags(tiny_sd, tmp_path):
+    tr = _trainer(tiny_sd, tmp_path, gradient_accumulation_steps=2, gradient_checkpointing=True, max_train_steps=2,
+                  checkpointing_steps=0)
+    result = tr.fit()
+    assert result.steps == 2 and tr.batches_seen == 4  # two micro-batches per optimiser step
+    assert tr.method.student.is_gradient_checkpointing
