@@ -25,6 +25,10 @@ ROOT = Path(__file__).resolve().parents[1]
 PRESETS = {
     "lcm (full UNet)": "train_scripts/digits/lcm.yaml",
     "lcm (LoRA r16)": "train_scripts/digits/lcm_lora.yaml",
+    "progressive (halving stage)": "train_scripts/digits/progressive.yaml",
+    "add (LADD)": "train_scripts/digits/add.yaml",
+    "dmd": "train_scripts/digits/dmd.yaml",
+    "sds (one-step student)": "train_scripts/digits/sds.yaml",
 }
 
 
@@ -35,6 +39,8 @@ def measure(name: str, preset: str, steps: int, warmup: int, teacher: str) -> di
         cmd = [sys.executable, "-m", "diffdistill.cli", "distill", "--config", str(ROOT / preset), "--teacher", teacher,
                "--output", str(out), "--max-train-steps", str(steps), "--checkpointing-steps", "0",
                "--validation-steps", "0", "--benchmark-samples", "0", "--log-every", "1"]
+        if "progressive" in preset:  # staged: its length is its stages'; time the first halving stage
+            cmd += ["--guidance-iters", "1", "--iters-per-stage", str(steps), "--steps", "32"]
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
             raise SystemExit(f"{name}: distill failed: {r.stderr.strip().splitlines()[-1]}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -12,7 +11,7 @@ import torch
 
 from .denoiser import Denoiser, NoiseSchedule, scheduler_prediction_type
 from .errors import UserError, require
-from .loading import quiet_loading
+from .loading import check_pipeline_folder, quiet_loading
 
 SUPPORTED_PIPELINES = ("StableDiffusionPipeline",)
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -21,22 +20,12 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 GUIDANCE_EMBED_DIM = 256
 
 
-def check_pipeline_folder(path: str | Path, what: str = "teacher") -> dict:
-    """Return model_index.json of a local diffusers SD pipeline folder, or raise a one-line UserError."""
-    p = Path(path)
-    require(p.exists(), f"{what} not found: {path}")
-    require(p.is_dir(), f"{what} {path} is a file, not a diffusers pipeline folder")
-    index = p / "model_index.json"
-    require(index.is_file(), f"{what} {path} is not a diffusers pipeline (no model_index.json)")
-    try:
-        info = json.loads(index.read_text())
-    except json.JSONDecodeError:
-        raise UserError(f"{what} {path}: model_index.json is not valid JSON") from None
+def check_teacher_folder(path: str | Path) -> dict:
+    """model_index.json of a local Stable Diffusion pipeline folder, or a one-line UserError."""
+    info = check_pipeline_folder(path, what="teacher")
     cls = info.get("_class_name", "")
     require(cls in SUPPORTED_PIPELINES,
-            f"{what} {path} is a {cls or 'unknown'} pipeline; supported: {', '.join(SUPPORTED_PIPELINES)}")
-    for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
-        require((p / part).is_dir(), f"{what} {path} has no {part}/ folder")
+            f"teacher {path} is a {cls or 'unknown'} pipeline; supported: {', '.join(SUPPORTED_PIPELINES)}")
     return info
 
 
@@ -137,7 +126,7 @@ def load_teacher(source: str, revision: str = "", variant: str = "", local_files
 
     local = Path(source)
     if local.exists() or not HUB_ID.match(source):
-        check_pipeline_folder(source)
+        check_teacher_folder(source)
         kwargs = {}
     else:
         kwargs = {"revision": revision or None, "local_files_only": local_files_only or

@@ -265,6 +265,23 @@ def test_other_bad_inputs_are_user_errors(tiny_pipeline, tmp_path, monkeypatch):
     assert not (tmp_path / "r").exists()
 
 
+def test_scheduler_overrides(tiny_pipeline, tmp_path):
+    from diffusers import DDIMScheduler
+
+    base = DDIMScheduler.from_pretrained(tiny_pipeline / "scheduler")
+    sched = bench.make_scheduler("ddim:timestep_spacing=trailing", base)
+    sched.set_timesteps(1)
+    assert sched.timesteps.tolist() == [999]  # "leading" (the folder's setting) would give [1]
+    assert bench.make_scheduler("pndm", base).config.skip_prk_steps is True
+    assert bench.make_scheduler("default:clip_sample=true", base).config.clip_sample is True
+    out = str(tmp_path / "r")
+    bench.BenchConfig(pipelines=[str(tiny_pipeline)], output=out, schedulers="default:timestep_spacing=trailing")
+    with pytest.raises(UserError, match="no config field"):
+        bench.BenchConfig(pipelines=[str(tiny_pipeline)], output=out, schedulers="euler:bogus=1")
+    with pytest.raises(UserError, match="key=value"):
+        bench.BenchConfig(pipelines=[str(tiny_pipeline)], output=out, schedulers="ddim:trailing")
+
+
 def test_guidance_default_comes_from_diffdistill_json(tmp_path):
     assert bench.read_recommended_guidance(tmp_path) is None
     (tmp_path / "diffdistill.json").write_text(json.dumps({"recommended_guidance_scale": 1.5}))

@@ -36,6 +36,7 @@ import torch
 from diffdistill.digits import DIGIT_PROMPTS, caption_to_label
 from diffdistill.errors import UserError, require
 from diffdistill.eval import fidelity
+from diffdistill.loading import check_pipeline_folder, quiet_loading
 
 DEFAULT_STEPS = (1, 2, 4, 8, 50)
 # diffusers' StableDiffusionPipeline default; a folder's diffdistill.json may recommend another value.
@@ -101,32 +102,59 @@ def parse_guidance(value: str | float | list[float] | None) -> list[float] | Non
     return list(dict.fromkeys(out))
 
 
+def parse_scheduler_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"ddim:timestep_spacing=trailing"`` -> ("ddim", {"timestep_spacing": "trailing"}).
+
+    Values are read as JSON where they parse (``true``, ``3``, ``0.5``, ``null``), else kept as strings.
+    """
+    name, *pairs = spec.split(":")
+    require(name in SCHEDULERS, f"unknown scheduler {name!r}; choose from {', '.join(SCHEDULERS)} "
+                                "(optionally with :key=value config overrides)")
+    overrides: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        require(bool(sep) and key.strip().isidentifier(),
+                f"scheduler override {pair!r} in {spec!r} must look like key=value")
+        try:
+            overrides[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            overrides[key.strip()] = raw
+    return name, overrides
+
+
+def scheduler_class(name: str, folder: str | Path | None = None):
+    """The diffusers class a scheduler name builds (``default``: the folder's own, None if unknown)."""
+    import diffusers
+
+    spec = SCHEDULERS[name]
+    if spec is not None:
+        return getattr(diffusers, spec[0])
+    with contextlib.suppress(OSError, json.JSONDecodeError, KeyError, TypeError):
+        cls_name = json.loads((Path(folder) / "scheduler" / "scheduler_config.json").read_text())["_class_name"]
+        return getattr(diffusers, cls_name, None)
+    return None
+
+
+def check_scheduler_overrides(spec: str, folders: list[str]) -> None:
+    """UserError when an override key is not a config field of the scheduler it would go to."""
+    import inspect
+
+    name, overrides = parse_scheduler_spec(spec)
+    for folder in folders:
+        cls = scheduler_class(name, folder)
+        if cls is None or not overrides:
+            continue
+        known = set(inspect.signature(cls.__init__).parameters) - {"self"}
+        bad = sorted(set(overrides) - known)
+        require(not bad, f"scheduler {spec!r}: {cls.__name__} has no config field(s) {', '.join(bad)}")
+
+
 def parse_names(value: str | list[str] | None) -> list[str]:
     """Comma list or list of names -> stripped non-empty names, order kept, duplicates dropped."""
     if value is None:
         return []
     items = value.split(",") if isinstance(value, str) else list(value)
     return list(dict.fromkeys(s.strip() for s in items if s.strip()))
-
-
-def check_pipeline_folder(path: str | Path) -> Path:
-    """Return the folder if it looks like a saved diffusers pipeline (model_index.json + its components)."""
-    folder = Path(path)
-    require(folder.exists(), f"pipeline folder not found: {folder}")
-    require(folder.is_dir(), f"not a folder: {folder}")
-    index_file = folder / "model_index.json"
-    require(index_file.is_file(), f"{folder} is not a diffusers pipeline folder (no model_index.json)")
-    try:
-        index = json.loads(index_file.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{index_file} is not valid JSON ({e})") from None
-    require(isinstance(index, dict) and "_class_name" in index, f"{index_file} has no _class_name")
-    for name, spec in index.items():
-        # Components are [library, class]; [null, null] marks an absent optional one (e.g. safety_checker).
-        if name.startswith("_") or not isinstance(spec, list) or len(spec) != 2 or spec[0] is None:
-            continue
-        require((folder / name).is_dir(), f"{folder}: component folder {name}/ listed in model_index.json is missing")
-    return folder
 
 
 def read_recommended_guidance(folder: str | Path) -> float | None:
@@ -203,12 +231,12 @@ class BenchConfig:
         if isinstance(self.pipelines, (str, Path)):
             self.pipelines = [self.pipelines]
         require(len(self.pipelines) > 0, "give at least one pipeline folder")
-        self.pipelines = [str(check_pipeline_folder(p)) for p in self.pipelines]
+        self.pipelines = [str(p) for p in self.pipelines if check_pipeline_folder(p) is not None]
         self.steps = parse_steps(self.steps)
         self.guidance = parse_guidance(self.guidance)
         self.schedulers = parse_names(self.schedulers) or ["default"]
-        unknown = [s for s in self.schedulers if s not in SCHEDULERS]
-        require(not unknown, f"unknown scheduler(s) {', '.join(unknown)}; choose from {', '.join(SCHEDULERS)}")
+        for spec in self.schedulers:
+            check_scheduler_overrides(spec, self.pipelines)
         for name in ("num_samples", "batch_size", "kid_subset_size"):
             value = getattr(self, name)
             require(isinstance(value, int) and not isinstance(value, bool), f"{name} must be an integer, got {value!r}")
@@ -341,24 +369,6 @@ class PeakMemory:
             self.peak = _maxrss_bytes()
 
 
-@contextlib.contextmanager
-def quiet_loading():
-    """Hide diffusers' and transformers' per-component loading bars (our own tqdm bar is the progress)."""
-    import diffusers.utils.logging as dlog
-    import transformers.utils.logging as tlog
-
-    was = (dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled())
-    dlog.disable_progress_bar()
-    tlog.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was[0]:
-            dlog.enable_progress_bar()
-        if was[1]:
-            tlog.enable_progress_bar()
-
-
 def load_pipeline(folder: str, device: torch.device, dtype: torch.dtype):
     """``DiffusionPipeline.from_pretrained(folder)`` moved to ``device``; load failures become UserErrors."""
     from diffusers import DiffusionPipeline
@@ -377,16 +387,18 @@ def load_pipeline(folder: str, device: torch.device, dtype: torch.dtype):
     return pipe
 
 
-def make_scheduler(name: str, base_scheduler: Any):
-    """A fresh scheduler ``name`` built with ``Scheduler.from_config(base_scheduler.config, **overrides)``.
+def make_scheduler(spec: str, base_scheduler: Any):
+    """A fresh scheduler for ``spec`` (``name[:key=value...]``): ``Scheduler.from_config(base.config, **overrides)``.
 
     ``default`` rebuilds the folder's own scheduler class, so state from an earlier line never leaks in.
+    Overrides given in ``spec`` win over the preset's (e.g. ``pndm:skip_prk_steps=false``).
     """
     import diffusers
 
-    spec = SCHEDULERS[name]
-    cls, overrides = (type(base_scheduler), {}) if spec is None else (getattr(diffusers, spec[0]), spec[1])
-    return cls.from_config(base_scheduler.config, **overrides)
+    name, user_overrides = parse_scheduler_spec(spec)
+    preset = SCHEDULERS[name]
+    cls, overrides = (type(base_scheduler), {}) if preset is None else (getattr(diffusers, preset[0]), dict(preset[1]))
+    return cls.from_config(base_scheduler.config, **{**overrides, **user_overrides})
 
 
 class CallCounter:
@@ -769,7 +781,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=50, help="images per pipeline call (default: %(default)s)")
     p.add_argument("--scheduler", default="default",
                    help=f"comma list of schedulers to compare on each pipeline, from: {', '.join(SCHEDULERS)}; "
-                        "'default' is the folder's own (default: %(default)s)")
+                        "'default' is the folder's own; append :key=value to change a config field, e.g. "
+                        "ddim:timestep_spacing=trailing (default: %(default)s)")
     p.add_argument("--reference", default=fidelity.DIGITS_REFERENCE,
                    help="real images: 'digits' (the 1,797 scikit-learn digits at 32x32) or a folder of images "
                         "(default: %(default)s)")
