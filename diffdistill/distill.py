@@ -57,7 +57,7 @@ def check_xformers(run: RunConfig) -> None:
 
 
 def bench_table(pipeline_dir: Path, out: Path, steps: list[int], guidance: float, num_samples: int,
-                label: str, teacher_dir: str | None = None) -> tuple[dict | None, str | None]:
+                label: str) -> tuple[dict | None, str | None]:
     """A small FID/IS/KID-vs-steps benchmark of the export for its model card (digits teachers only)."""
     if num_samples <= 0:
         return None, None

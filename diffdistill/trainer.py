@@ -275,10 +275,7 @@ class Trainer:
             opt.load_state_dict(torch.load(path / f"optimizer_{phase}.pt", map_location="cpu", weights_only=True))
             sd = json.loads((path / f"lr_scheduler_{phase}.json").read_text())
             self.lr_schedulers[phase].load_state_dict({**self.lr_schedulers[phase].state_dict(), **sd})
-        if self.ema is not None and (path / "ema.safetensors").is_file():
-            shadow = load_file(str(path / "ema.safetensors"))
-            for i, p in enumerate(self.ema.shadow_params):
-                p.data.copy_(shadow[f"shadow_{i}"])
+        if self.ema is not None and load_ema_into(path, self.ema.shadow_params):
             self.ema.optimization_step = json.loads((path / "ema.json").read_text())["optimization_step"]
         rng_file = path / f"rng_{acc.process_index}.safetensors"
         if rng_file.is_file():

@@ -52,11 +52,13 @@ def _wait_for(proc, predicate, timeout=240):
 
 @pytest.mark.slow
 def test_sigkill_then_resume_is_bit_exact(tiny_sd, tmp_path):
-    ref = _run(_cmd(tiny_sd, tmp_path / "ref"))
+    ema = ("--student-ema-decay", "0.9")  # the student EMA must resume exactly too
+    ref = _run(_cmd(tiny_sd, tmp_path / "ref", *ema))
     assert ref.returncode == 0, ref.stderr[-3000:]
 
     out = tmp_path / "killed"
-    proc = subprocess.Popen(_cmd(tiny_sd, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    proc = subprocess.Popen(_cmd(tiny_sd, out, *ema), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=_env())
     _wait_for(proc, lambda: any(p.name == "checkpoint-2" for p in list_checkpoints(out / "checkpoints")))
     proc.send_signal(signal.SIGKILL)
     proc.wait(30)
@@ -64,13 +66,16 @@ def test_sigkill_then_resume_is_bit_exact(tiny_sd, tmp_path):
     done = [p for p in list_checkpoints(out / "checkpoints")]
     assert done and int(done[-1].name.split("-")[1]) < 8  # it really died mid-run
 
-    resumed = _run(_cmd(tiny_sd, out, "--resume-from-checkpoint", "latest"))
+    resumed = _run(_cmd(tiny_sd, out, *ema, "--resume-from-checkpoint", "latest"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout + resumed.stderr
     a, b = _weights(tmp_path / "ref" / "checkpoints" / "checkpoint-8"), _weights(out / "checkpoints" / "checkpoint-8")
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    ema_a = load_file(str(tmp_path / "ref/checkpoints/checkpoint-8/ema.safetensors"))
+    ema_b = load_file(str(out / "checkpoints/checkpoint-8/ema.safetensors"))
+    assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
     ref_opt = torch.load(tmp_path / "ref/checkpoints/checkpoint-8/optimizer_student.pt", weights_only=True)
     res_opt = torch.load(out / "checkpoints/checkpoint-8/optimizer_student.pt", weights_only=True)
     for i, st in ref_opt["state"].items():
