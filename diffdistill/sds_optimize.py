@@ -17,7 +17,15 @@ import torch
 from .config import opt
 from .errors import require
 from .fsutil import replace_dir
-from .methods.score import WEIGHTINGS, DifferentiableGenerator, LatentGenerator, inject_gradient, sds_gradient
+from .methods.score import (
+    WEIGHTINGS,
+    DifferentiableGenerator,
+    LatentGenerator,
+    check_timestep_range,
+    inject_gradient,
+    sample_timesteps,
+    sds_gradient,
+)
 
 
 @dataclass
@@ -46,9 +54,7 @@ class SDSConfig:
             require(getattr(self, name) > 0, f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
         require(self.lr > 0, f"--lr must be > 0, got {self.lr}")
         require(self.guidance_scale >= 0, f"--guidance-scale must be >= 0, got {self.guidance_scale}")
-        require(0 <= self.t_min <= self.t_max, f"need 0 <= --t-min <= --t-max, got {self.t_min}, {self.t_max}")
-        require(self.t_max_end == -1 or self.t_min <= self.t_max_end <= self.t_max,
-                f"--t-max-end must be -1 or in [--t-min, --t-max], got {self.t_max_end}")
+        check_timestep_range(self.t_min, self.t_max, self.t_max_end)
         require(self.weighting in WEIGHTINGS, f"--weighting must be one of {', '.join(WEIGHTINGS)}, got {self.weighting!r}")
 
 
@@ -66,9 +72,7 @@ def optimise(generator: DifferentiableGenerator, teacher, cond, uncond, cfg: SDS
         x = generator(torch.zeros(shape, device=cond.device), cond)
         require(tuple(x.shape) == shape, f"generator output shape {tuple(x.shape)} does not match the teacher's "
                                          f"latents {shape}")
-        frac = i / max(cfg.iters - 1, 1)
-        t_hi = cfg.t_max if cfg.t_max_end < 0 else round(cfg.t_max + (cfg.t_max_end - cfg.t_max) * frac)
-        t = torch.randint(cfg.t_min, t_hi + 1, (shape[0],), generator=g).to(cond.device)
+        t = sample_timesteps(cfg, shape[0], i / max(cfg.iters - 1, 1), cond.device, generator=g)
         noise = torch.randn(shape, generator=g).to(cond.device)
         grad = sds_gradient(x, den, cond, uncond, cfg.guidance_scale, t, noise, cfg.weighting)
         opt_.zero_grad(set_to_none=True)

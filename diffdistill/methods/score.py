@@ -107,9 +107,7 @@ class ScoreConfig:
 
     def __post_init__(self):
         require(self.guidance_scale >= 0, f"--guidance-scale must be >= 0, got {self.guidance_scale}")
-        require(0 <= self.t_min <= self.t_max, f"need 0 <= --t-min <= --t-max, got {self.t_min}, {self.t_max}")
-        require(self.t_max_end == -1 or self.t_min <= self.t_max_end <= self.t_max,
-                f"--t-max-end must be -1 or in [--t-min, --t-max], got {self.t_max_end}")
+        check_timestep_range(self.t_min, self.t_max, self.t_max_end)
         require(self.weighting in WEIGHTINGS, f"--weighting must be one of {', '.join(WEIGHTINGS)}, got {self.weighting!r}")
         require(self.fake_learning_rate >= 0, f"--fake-learning-rate must be >= 0, got {self.fake_learning_rate}")
         require(self.fake_updates >= 1, f"--fake-updates must be >= 1, got {self.fake_updates}")
@@ -117,10 +115,19 @@ class ScoreConfig:
         require(self.regression_steps >= 1, f"--regression-steps must be >= 1, got {self.regression_steps}")
 
 
-def sample_timesteps(cfg: ScoreConfig, b: int, progress: float, device) -> torch.Tensor:
-    """Uniform timesteps in [t_min, t_max(progress)], t_max annealed toward t_max_end."""
+def sample_timesteps(cfg, b: int, progress: float, device, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Uniform timesteps in [t_min, t_max(progress)], t_max annealed linearly toward t_max_end (-1: fixed).
+
+    ``cfg`` is any config with ``t_min``, ``t_max``, ``t_max_end`` (ScoreConfig, SDSConfig)."""
     t_max = cfg.t_max if cfg.t_max_end < 0 else round(cfg.t_max + (cfg.t_max_end - cfg.t_max) * progress)
-    return torch.randint(cfg.t_min, t_max + 1, (b,), device=device)
+    return torch.randint(cfg.t_min, t_max + 1, (b,), generator=generator).to(device)
+
+
+def check_timestep_range(t_min: int, t_max: int, t_max_end: int) -> None:
+    """0 <= t_min <= t_max, and t_max_end either -1 or inside [t_min, t_max] (one-line UserErrors)."""
+    require(0 <= t_min <= t_max, f"need 0 <= --t-min <= --t-max, got {t_min}, {t_max}")
+    require(t_max_end == -1 or t_min <= t_max_end <= t_max,
+            f"--t-max-end must be -1 or in [--t-min, --t-max], got {t_max_end}")
 
 
 def dmd_gradient(x: torch.Tensor, teacher: Denoiser, fake: Denoiser, cond, uncond, cfg: ScoreConfig,
