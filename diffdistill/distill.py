@@ -126,7 +126,7 @@ def export_run(run: RunConfig, method, teacher, trainer: Trainer, out: Path) -> 
         lora_dir = None
         if lora_state is not None:
             lora_dir = export_lora(teacher, lora_state, out / "lora", scheduler, run.steps, prompt)
-    steps = sorted({s for s in (1, 2, 4, 8, run.steps) if s <= max(8, run.steps)})
+    steps = sorted({s for s in (1, 2, 4, 8, run.steps) if s <= min(max(8, run.steps), method.max_sampling_steps())})
     table = None
     if run.benchmark_samples and run.data.dataset == "digits":
         bench_dir = out / "benchmark"

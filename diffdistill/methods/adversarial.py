@@ -345,6 +345,9 @@ class AdversarialDistillation(DistillMethod):
                 heads.requires_grad_(True)
         return discriminator_loss(student, teacher, self.features, self.disc, prepared, self.grid, self.cfg)
 
+    def max_sampling_steps(self) -> int:
+        return self.cfg.student_timesteps
+
     def export_scheduler(self, teacher_scheduler):
         from diffusers import LCMScheduler
 

@@ -77,6 +77,10 @@ class DistillMethod:
     def on_resume(self, step: int) -> None:
         """Called after a checkpoint of step ``step`` was loaded."""
 
+    def max_sampling_steps(self) -> int:
+        """The most steps the exported scheduler preset can take (the card benchmark stays within it)."""
+        return 10**9
+
     def sampling_steps(self) -> int:
         """Sampling steps of the student as it is now (validation grids use it)."""
         return self.run.steps

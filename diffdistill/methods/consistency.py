@@ -221,6 +221,9 @@ class ConsistencyDistillation(DistillMethod):
         fused.load_state_dict(state)
         return fused.eval().requires_grad_(False)
 
+    def max_sampling_steps(self) -> int:
+        return self.cfg.num_ddim_timesteps
+
     def export_scheduler(self, teacher_scheduler):
         from diffusers import LCMScheduler
 

@@ -239,6 +239,9 @@ class ScoreDistillation(DistillMethod):
         logs["loss"] = loss.item()
         return loss, logs
 
+    def max_sampling_steps(self) -> int:
+        return 1
+
     def export_scheduler(self, teacher_scheduler):
         from diffusers import LCMScheduler
 
