@@ -16,6 +16,9 @@ from .loading import check_pipeline_folder, quiet_loading
 SUPPORTED_PIPELINES = ("StableDiffusionPipeline",)
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
+# Distinct prompts whose embeddings a Teacher keeps (digits-SD has 11; web caption sets are not cached).
+PROMPT_CACHE_SIZE = 4096
+
 # Width of the guidance embedding given to guidance-distilled students (LCM and SD-Turbo style).
 GUIDANCE_EMBED_DIM = 256
 
@@ -67,27 +70,30 @@ class Teacher:
         return Denoiser(self.unet, self.schedule, self.prediction_type)
 
     @torch.no_grad()
+    def _encode(self, prompts: list[str]) -> torch.Tensor:
+        """Tokenise and encode exactly as StableDiffusionPipeline does: (B, L, D) on the text encoder's device."""
+        tok = self.pipe.tokenizer
+        ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids.to(self.pipe.text_encoder.device)
+        return self.pipe.text_encoder(ids)[0]
+
+    @torch.no_grad()
     def encode_prompts(self, prompts: list[str], device=None) -> torch.Tensor:
         """(B, L, D) text embeddings exactly as the pipeline computes them; repeated prompts are cached."""
         device = device or self.unet.device
         missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
+        if len(self._prompt_cache) + len(missing) > PROMPT_CACHE_SIZE:  # large caption sets: encode, don't cache
+            return self._encode(prompts).to(device)
         if missing:
-            tok = self.pipe.tokenizer
-            ids = tok(missing, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                      return_tensors="pt").input_ids.to(self.pipe.text_encoder.device)
-            emb = self.pipe.text_encoder(ids)[0]
-            for p, e in zip(missing, emb):
-                if len(self._prompt_cache) < 4096:  # bounded: real caption sets are far larger than this
-                    self._prompt_cache[p] = e
-                else:
-                    return self._encode_uncached(prompts, device)
+            self._prompt_cache.update(zip(missing, self._encode(missing)))
         return torch.stack([self._prompt_cache[p] for p in prompts]).to(device)
 
-    def _encode_uncached(self, prompts, device):
-        tok = self.pipe.tokenizer
-        ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                  return_tensors="pt").input_ids.to(self.pipe.text_encoder.device)
-        return self.pipe.text_encoder(ids)[0].to(device)
+    def encode_batch(self, batch: dict, what: str) -> dict:
+        """A data batch -> {"latents", "cond", "uncond"} for methods that learn from images (``what`` names the method)."""
+        require("pixel_values" in batch, f"{what} needs images: --dataset must hold images, not only prompts")
+        device = self.unet.device
+        return {"latents": self.encode_images(batch["pixel_values"].to(device)),
+                "cond": self.encode_prompts(batch["prompt"], device), "uncond": self.encode_prompts([""], device)}
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

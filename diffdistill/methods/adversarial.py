@@ -269,7 +269,6 @@ class AdversarialDistillation(DistillMethod):
                 f"--steps ({run.steps}) must not exceed --student-timesteps ({cfg.student_timesteps})")
         self.disc = None
         self.features = None
-        self._uncond = None
 
     def validate(self, teacher) -> None:
         t_train = teacher.schedule.num_train_timesteps
@@ -320,15 +319,13 @@ class AdversarialDistillation(DistillMethod):
 
     def _prepare(self, batch: dict) -> dict:
         teacher = self.teacher
-        device = teacher.unet.device
-        if self._uncond is None:
-            self._uncond = teacher.encode_prompts([""], device)
-        cond = teacher.encode_prompts(batch["prompt"], device)
         if "pixel_values" in batch:
-            latents = teacher.encode_images(batch["pixel_values"].to(device))
-        else:  # LADD's synthetic data: the teacher's own guided samples stand in for real images
-            latents = teacher.sample(cond, self._uncond, self.cfg.guidance_scale, self.cfg.synthetic_steps)
-        return {"latents": latents, "cond": cond, "uncond": self._uncond}
+            return teacher.encode_batch(batch, "adversarial distillation")
+        # LADD's synthetic data: the teacher's own guided samples stand in for real images.
+        device = teacher.unet.device
+        cond, uncond = teacher.encode_prompts(batch["prompt"], device), teacher.encode_prompts([""], device)
+        latents = teacher.sample(cond, uncond, self.cfg.guidance_scale, self.cfg.synthetic_steps)
+        return {"latents": latents, "cond": cond, "uncond": uncond}
 
     def loss(self, phase: str, batch: dict, step: int):
         prepared = self._prepare(batch)

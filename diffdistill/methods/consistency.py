@@ -136,7 +136,6 @@ class ConsistencyDistillation(DistillMethod):
     def __init__(self, cfg: ConsistencyConfig, run: RunConfig):
         super().__init__(cfg, run)
         self.target = None
-        self._uncond = None
 
     @property
     def lora(self) -> bool:
@@ -176,21 +175,12 @@ class ConsistencyDistillation(DistillMethod):
             if self.cfg.ema_decay > 0:
                 self.target = copy.deepcopy(self.student).requires_grad_(False).eval()
 
-    def _prepare(self, batch: dict) -> dict:
-        teacher = self.teacher
-        device = teacher.unet.device
-        require("pixel_values" in batch, "consistency distillation needs images: --dataset must hold images, not only prompts")
-        latents = teacher.encode_images(batch["pixel_values"].to(device))
-        cond = teacher.encode_prompts(batch["prompt"], device)
-        if self._uncond is None:
-            self._uncond = teacher.encode_prompts([""], device)
-        return {"latents": latents, "cond": cond, "uncond": self._uncond}
-
     def loss(self, phase: str, batch: dict, step: int):
         sched, pt = self.teacher.schedule, self.teacher.prediction_type
         student = Denoiser(self.student, sched, pt)
         target = Denoiser(self.target, sched, pt) if self.target is not None else None
-        return consistency_loss(student, self.teacher.denoiser(), self._prepare(batch), self.cfg, target)
+        return consistency_loss(student, self.teacher.denoiser(), self.teacher.encode_batch(batch, "consistency distillation"),
+                                self.cfg, target)
 
     def after_step(self, step: int) -> None:
         if self.target is not None:

@@ -187,7 +187,6 @@ class ProgressiveDistillation(DistillMethod):
         self.total_steps = it
         self.current: Stage | None = None
         self.stage_teacher = None
-        self._uncond = None
 
     @property
     def recommended_guidance_scale(self) -> float:  # type: ignore[override]
@@ -230,18 +229,9 @@ class ProgressiveDistillation(DistillMethod):
         return {"name": stage.name, "unet": copy.deepcopy(student).eval(), "steps": stage.student_steps,
                 "scheduler": self.export_scheduler(self.teacher.scheduler)}
 
-    def _prepare(self, batch: dict) -> dict:
-        teacher = self.teacher
-        device = teacher.unet.device
-        require("pixel_values" in batch, "progressive distillation needs images: --dataset must hold images")
-        if self._uncond is None:
-            self._uncond = teacher.encode_prompts([""], device)
-        return {"latents": teacher.encode_images(batch["pixel_values"].to(device)),
-                "cond": teacher.encode_prompts(batch["prompt"], device), "uncond": self._uncond}
-
     def loss(self, phase: str, batch: dict, step: int):
         stage = self.current
-        prepared = self._prepare(batch)
+        prepared = self.teacher.encode_batch(batch, "progressive distillation")
         student = Denoiser(self.student, self.schedule, self.teacher.prediction_type)
         if stage.kind == "guidance":
             teacher = Denoiser(self.teacher.unet, self.schedule, self.teacher.prediction_type)

@@ -161,7 +161,6 @@ class ScoreDistillation(DistillMethod):
         require(run.steps == 1, f"--method {self.name} trains a one-step generator: --steps must be 1, got {run.steps}")
         self.phases = ("fake_score",) * cfg.fake_updates + ("generator",) if self.use_fake_score else ("generator",)
         self.fake = None
-        self._uncond = None
 
     def validate(self, teacher) -> None:
         t_train = teacher.schedule.num_train_timesteps
@@ -201,14 +200,9 @@ class ScoreDistillation(DistillMethod):
     def _generator(self) -> OneStepUNetGenerator:
         return OneStepUNetGenerator(self.student, self.teacher.schedule, self.teacher.prediction_type)
 
-    def _prompts(self, batch: dict):
-        device = self.teacher.unet.device
-        if self._uncond is None:
-            self._uncond = self.teacher.encode_prompts([""], device)
-        return self.teacher.encode_prompts(batch["prompt"], device)
-
     def loss(self, phase: str, batch: dict, step: int):
-        cond = self._prompts(batch)
+        device = self.teacher.unet.device
+        cond, uncond = self.teacher.encode_prompts(batch["prompt"], device), self.teacher.encode_prompts([""], device)
         b = cond.shape[0]
         noise = torch.randn((b, *self.teacher.latent_shape), device=cond.device)
         progress = step / max(self.run.train.max_train_steps - 1, 1)
@@ -225,14 +219,14 @@ class ScoreDistillation(DistillMethod):
         if self.use_fake_score:
             fake_net = getattr(self.fake, "module", self.fake)
             grad = dmd_gradient(x, teacher, Denoiser(fake_net, self.teacher.schedule, self.teacher.prediction_type),
-                                cond, self._uncond, self.cfg, t)
+                                cond, uncond, self.cfg, t)
         else:
-            grad = sds_gradient(x, teacher, cond, self._uncond, self.cfg.guidance_scale, t, torch.randn_like(x),
+            grad = sds_gradient(x, teacher, cond, uncond, self.cfg.guidance_scale, t, torch.randn_like(x),
                                 self.cfg.weighting)
         loss = inject_gradient(x, grad) / b
         logs = {"grad_norm": grad.flatten(1).norm(dim=1).mean().item()}
         if self.cfg.regression_weight > 0:
-            target = self.teacher.sample(cond, self._uncond, self.cfg.guidance_scale, self.cfg.regression_steps, noise)
+            target = self.teacher.sample(cond, uncond, self.cfg.guidance_scale, self.cfg.regression_steps, noise)
             reg = ((x.float() - target.float()) ** 2).mean()
             loss = loss + self.cfg.regression_weight * reg
             logs["regression"] = reg.item()
