@@ -36,9 +36,12 @@ class TrainConfig:
     """What the shared trainer needs: optimiser, schedule, precision, checkpoints, validation."""
 
     max_train_steps: int = opt(1000, "optimiser steps to train for")
+    max_train_minutes: float = opt(0.0, "also stop (checkpoint, export, as at the last step) once this many minutes of "
+                                        "training have passed in this invocation (0: no time limit)")
     batch_size: int = opt(32, "batch size per process (per device)")
     learning_rate: float = opt(1e-5, "peak learning rate of AdamW")
-    lr_scheduler: str = opt("constant_with_warmup", f"learning-rate schedule (diffusers get_scheduler): {', '.join(LR_SCHEDULERS)}")
+    lr_scheduler: str = opt("constant_with_warmup", f"learning-rate schedule (diffusers get_scheduler): {', '.join(LR_SCHEDULERS)}; "
+                                                    "progressive runs it anew in every stage")
     lr_warmup_steps: int = opt(100, "linear warm-up steps of the learning rate")
     adam_beta1: float = opt(0.9, "AdamW beta1")
     adam_beta2: float = opt(0.999, "AdamW beta2")
@@ -64,6 +67,7 @@ class TrainConfig:
             require(getattr(self, name) > 0, f"{_flag(name)} must be > 0, got {getattr(self, name)}")
         for name in ("lr_warmup_steps", "checkpointing_steps", "checkpoints_total_limit", "validation_steps"):
             require(getattr(self, name) >= 0, f"{_flag(name)} must be >= 0, got {getattr(self, name)}")
+        require(self.max_train_minutes >= 0, f"--max-train-minutes must be >= 0, got {self.max_train_minutes}")
         require(self.learning_rate > 0, f"--learning-rate must be > 0, got {self.learning_rate}")
         require(self.max_grad_norm >= 0, f"--max-grad-norm must be >= 0, got {self.max_grad_norm}")
         require(self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}")

@@ -101,32 +101,36 @@ def run_distill(run: RunConfig, dry_run: bool = False) -> dict:
     trainer = Trainer(run, method, teacher, out, dataset, accelerator=accelerator)
     result = trainer.fit()
     summary: dict = {"method": run.method, "teacher": run.teacher, "steps": run.steps,
-                     "train_steps": result.steps, "train_minutes": round(result.minutes, 2),
+                     "train_steps": result.steps, "stopped_by": result.stopped_by,
+                     "train_minutes": round(result.minutes, 2),
                      "peak_memory_mb": round(result.peak_memory_mb, 1), "memory_kind": result.memory_kind,
                      "last_logs": result.last_logs, "num_processes": accelerator.num_processes,
                      "rank_weight_checksums": result.rank_checksums}
     if accelerator.is_main_process:
-        summary.update(export_run(run, method, teacher, trainer, out))
+        summary.update(export_run(run, method, teacher, trainer, out, result.stopped_by))
         summary["total_minutes"] = round((time.time() - t0) / 60, 2)
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     accelerator.wait_for_everyone()
     return summary
 
 
-def export_run(run: RunConfig, method, teacher, trainer: Trainer, out: Path) -> dict:
+def export_run(run: RunConfig, method, teacher, trainer: Trainer, out: Path,
+               stopped_by: str = "max_train_steps") -> dict:
     """Export pipeline/ (and lora/), reload-and-sample each, then benchmark and write the model card."""
     prompt = trainer.validation_prompts()[0]
+    # The student's own step count: --steps, unless a time limit stopped a staged run early.
+    n = method.sampling_steps()
     guidance = method.recommended_guidance_scale
     info = {"method": run.method, "teacher": run.teacher, "train_steps": trainer.step}
     with trainer.export_ema_weights():
         unet = method.export_unet(trainer.accelerator.unwrap_model)
         scheduler = method.export_scheduler(teacher.scheduler)
-        pipeline_dir = export_pipeline(teacher, unet, scheduler, out / "pipeline", run.steps, guidance, info, prompt)
+        pipeline_dir = export_pipeline(teacher, unet, scheduler, out / "pipeline", n, guidance, info, prompt)
         lora_state = method.lora_state_dict(trainer.accelerator.unwrap_model)
         lora_dir = None
         if lora_state is not None:
-            lora_dir = export_lora(teacher, lora_state, out / "lora", scheduler, run.steps, prompt)
-    steps = sorted({s for s in (1, 2, 4, 8, run.steps) if s <= min(max(8, run.steps), method.max_sampling_steps())})
+            lora_dir = export_lora(teacher, lora_state, out / "lora", scheduler, n, prompt)
+    steps = sorted({s for s in (1, 2, 4, 8, n) if s <= min(max(8, n), method.max_sampling_steps())})
     table = None
     if run.benchmark_samples and run.data.dataset == "digits":
         bench_dir = out / "benchmark"
@@ -134,15 +138,17 @@ def export_run(run: RunConfig, method, teacher, trainer: Trainer, out: Path) -> 
         _, table = bench_table(pipeline_dir, bench_dir, steps, guidance, run.benchmark_samples,
                                f"{run.method} student")
     details = {"method": f"{run.method} ({method.__class__.__name__})", "teacher": run.teacher,
-               "intended steps": run.steps, "recommended guidance_scale": guidance,
+               "intended steps": n, "recommended guidance_scale": guidance,
                "scheduler": type(scheduler).__name__, "training steps": trainer.step,
                **method.card_details()}
+    if stopped_by != "max_train_steps":
+        details["training stopped"] = f"early, by --{stopped_by.replace('_', '-')}, at step {trainer.step}"
     usage = (f'from diffusers import DiffusionPipeline\n\npipe = DiffusionPipeline.from_pretrained("{pipeline_dir}")\n'
-             f'image = pipe("{prompt}", num_inference_steps={run.steps}, guidance_scale={guidance}).images[0]')
+             f'image = pipe("{prompt}", num_inference_steps={n}, guidance_scale={guidance}).images[0]')
     if table:
         table = (f"{run.benchmark_samples} samples per step count, FID/KID against the real digits with the shipped "
                  f"digits classifier as feature extractor (`diffdistill bench`).\n\n" + table)
-    write_model_card(pipeline_dir, f"{run.method} student of {run.teacher} ({run.steps} steps)", details, usage, table)
+    write_model_card(pipeline_dir, f"{run.method} student of {run.teacher} ({n} steps)", details, usage, table)
     res = {"pipeline": str(pipeline_dir), "checkpoints": [str(p) for p in list_checkpoints(trainer.checkpoints_dir)]}
     if lora_dir is not None:
         res["lora"] = str(lora_dir)

@@ -7,6 +7,7 @@ from disk and sampled once, and only then renamed into place: a failed export le
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -19,12 +20,24 @@ from .loading import quiet_loading
 EXPORT_INFO = "diffdistill.json"
 
 
-def build_pipeline(teacher, unet, scheduler):
-    """A StableDiffusionPipeline from the teacher's VAE, text encoder and tokenizer plus ``unet`` and ``scheduler``."""
+def float32(module: torch.nn.Module) -> torch.nn.Module:
+    """``module`` itself when all its weights are float32, else a float32 copy (the training copy is left as it is)."""
+    if all(p.dtype == torch.float32 for p in module.parameters()):
+        return module
+    return copy.deepcopy(module).to(torch.float32)
+
+
+def build_pipeline(teacher, unet, scheduler, dtype_of_teacher: bool = True):
+    """A StableDiffusionPipeline from the teacher's VAE, text encoder and tokenizer plus ``unet`` and ``scheduler``.
+
+    ``dtype_of_teacher=False`` takes float32 copies of a half-precision VAE and text encoder (for export)."""
     from diffusers import StableDiffusionPipeline
 
+    vae, text_encoder = teacher.pipe.vae, teacher.pipe.text_encoder
+    if not dtype_of_teacher:
+        vae, text_encoder = float32(vae), float32(text_encoder)
     pipe = StableDiffusionPipeline(
-        vae=teacher.pipe.vae, text_encoder=teacher.pipe.text_encoder, tokenizer=teacher.pipe.tokenizer,
+        vae=vae, text_encoder=text_encoder, tokenizer=teacher.pipe.tokenizer,
         unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
@@ -62,8 +75,9 @@ def export_pipeline(teacher, unet, scheduler, folder: Path, steps: int, guidance
     folder = Path(folder)
     tmp = folder.with_name(f".{folder.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    unet = unet.to(torch.float32)
-    pipe = build_pipeline(teacher, unet, scheduler)
+    # Every component is saved in float32 (training may hold the teacher's VAE and text encoder in half
+    # precision): a folder of mixed dtypes fails in a plain StableDiffusionPipeline call.
+    pipe = build_pipeline(teacher, unet.to(torch.float32), scheduler, dtype_of_teacher=False)
     with quiet_loading():
         pipe.save_pretrained(str(tmp), safe_serialization=True)
     (tmp / EXPORT_INFO).write_text(json.dumps({**info, "num_inference_steps": steps,

@@ -37,4 +37,4 @@ def export_checkpoint(run_dir: str, checkpoint: str, output: str, overwrite: boo
     prompt = DIGIT_PROMPTS[0] if run.data.dataset == "digits" else "a photo"
     info = {"method": run.method, "teacher": run.teacher, "checkpoint": str(ckpt)}
     return export_pipeline(teacher, method.export_unet(lambda m: m), method.export_scheduler(teacher.scheduler),
-                           out, run.steps, method.recommended_guidance_scale, info, prompt)
+                           out, method.sampling_steps(), method.recommended_guidance_scale, info, prompt)

@@ -54,6 +54,23 @@ class TrainResult:
     memory_kind: str
     last_logs: dict
     rank_checksums: list[float]
+    stopped_by: str = "max_train_steps"
+
+
+def segmented_lr_scheduler(name: str, optimizer, warmup_steps: int, segments: list[tuple[int, int]]):
+    """A LambdaLR that runs diffusers' schedule ``name`` (warm-up included) anew on every (first, length)
+    segment, e.g. linear decay to 0 within each progressive-distillation stage."""
+    from diffusers.optimization import get_scheduler
+
+    dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    parts = [(first, get_scheduler(name, optimizer=dummy, num_warmup_steps=min(warmup_steps, length),
+                                   num_training_steps=length).lr_lambdas[0]) for first, length in sorted(segments)]
+
+    def factor(step: int) -> float:
+        first, fn = next(((f, g) for f, g in reversed(parts) if step >= f), parts[0])
+        return fn(step - first)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def peak_memory_mb(device: torch.device) -> tuple[float, str]:
@@ -177,10 +194,14 @@ class Trainer:
         prepared = prepared if isinstance(prepared, tuple) else (prepared,)
         self.method.set_trainable_modules(dict(zip(names, prepared[: len(names)])))
         self.optimizers = dict(zip(phases, prepared[len(names):]))
+        segments = self.method.lr_segments()
         for phase, opt in self.optimizers.items():
-            self.lr_schedulers[phase] = get_scheduler(
-                cfg.lr_scheduler, optimizer=opt, num_warmup_steps=cfg.lr_warmup_steps,
-                num_training_steps=cfg.max_train_steps)
+            if segments is None:
+                self.lr_schedulers[phase] = get_scheduler(
+                    cfg.lr_scheduler, optimizer=opt, num_warmup_steps=cfg.lr_warmup_steps,
+                    num_training_steps=cfg.max_train_steps)
+            else:
+                self.lr_schedulers[phase] = segmented_lr_scheduler(cfg.lr_scheduler, opt, cfg.lr_warmup_steps, segments)
         if cfg.student_ema_decay > 0:
             from diffusers.training_utils import EMAModel
 
@@ -370,12 +391,28 @@ class Trainer:
                 self._csv = csv.DictWriter(self._csv_file, fieldnames=header, extrasaction="ignore")
                 if new:
                     self._csv.writeheader()
+            if set(row) - set(self._csv.fieldnames):  # a key that first appears now (e.g. a later stage's)
+                self._extend_csv_header(row)
             self._csv.writerow(row)
             self._csv_file.flush()
         if self._tb is not None:
             for k, v in row.items():
                 if k != "step" and isinstance(v, int | float):
                     self._tb.add_scalar(k, v, row["step"])
+
+    def _extend_csv_header(self, row: dict) -> None:
+        """Rewrite logs.csv with the new keys of ``row`` added as columns (earlier rows leave them empty)."""
+        self._csv_file.close()
+        old_rows = list(csv.DictReader(self._csv_path.open(newline="")))
+        header = list(self._csv.fieldnames) + [k for k in row if k not in self._csv.fieldnames]
+        tmp = self._csv_path.with_suffix(".csv.tmp")
+        with tmp.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=header)
+            w.writeheader()
+            w.writerows(old_rows)
+        tmp.replace(self._csv_path)
+        self._csv_file = self._csv_path.open("a", newline="")
+        self._csv = csv.DictWriter(self._csv_file, fieldnames=header, extrasaction="ignore")
 
     def _close_loggers(self):
         if getattr(self, "_csv_file", None) is not None:
@@ -403,7 +440,7 @@ class Trainer:
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         modules = list(self.method.trainable_modules().values())
         stream = self._batch_stream()
-        t0, steps_at_start, last_logs = time.time(), self.step, {}
+        t0, steps_at_start, last_logs, stopped_by = time.time(), self.step, {}, "max_train_steps"
         bar = tqdm(total=cfg.max_train_steps, initial=self.step, disable=not acc.is_local_main_process,
                    desc=f"distill {self.method.name}", dynamic_ncols=True)
         try:
@@ -446,6 +483,11 @@ class Trainer:
                 if self._stop_signal is not None:
                     ckpt = self.save_checkpoint()
                     raise TrainingInterrupted(self._stop_signal, ckpt)
+                if self._out_of_time(t0):
+                    stopped_by = "max_train_minutes"
+                    acc.print(f"[diffdistill] --max-train-minutes {cfg.max_train_minutes} reached at step {self.step}; "
+                              "finishing the run here")
+                    break
             self._export_stages(self.method.before_step(self.step))
             final_ckpt = self.checkpoints_dir / f"{CHECKPOINT_PREFIX}{self.step}"
             if not final_ckpt.exists():
@@ -457,7 +499,18 @@ class Trainer:
             for s, h in previous.items():
                 signal.signal(s, h)
         mem, kind = peak_memory_mb(acc.device)
-        return TrainResult(self.step, (time.time() - t0) / 60, mem, kind, last_logs, self.rank_checksums())
+        return TrainResult(self.step, (time.time() - t0) / 60, mem, kind, last_logs, self.rank_checksums(), stopped_by)
+
+    def _out_of_time(self, t0: float) -> bool:
+        """Whether --max-train-minutes has passed; the main process decides for every rank."""
+        if not self.cfg.max_train_minutes:
+            return False
+        late = torch.tensor([float(time.time() - t0 >= 60 * self.cfg.max_train_minutes)], device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import broadcast
+
+            late = broadcast(late, from_process=0)
+        return bool(late.item())
 
     def rank_checksums(self) -> list[float]:
         """Sum of the student's weights on every rank (float64): equal on all ranks when DDP kept them in sync."""

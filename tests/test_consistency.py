@@ -200,3 +200,33 @@ def test_lora_export_round_trip(tiny_sd, tmp_path):
 def test_config_rejects_bad_values(kw, msg):
     with pytest.raises(UserError, match=msg):
         ConsistencyConfig(**kw)
+
+
+def test_export_from_a_half_precision_teacher_is_float32_and_loads(tiny_sd, tmp_path):
+    """Under mixed precision the teacher's VAE and text encoder are held in half precision; the export
+    must still be one dtype (float32) so that plain diffusers samples the guidance-embedding student."""
+    from safetensors.torch import load_file
+
+    from diffdistill.export import export_pipeline
+    from diffdistill.models import GUIDANCE_EMBED_DIM, student_from_teacher
+
+    teacher = load_teacher(tiny_sd, dtype=torch.bfloat16)
+    student = student_from_teacher(teacher.unet, GUIDANCE_EMBED_DIM)
+    m = ConsistencyDistillation(ConsistencyConfig(w_min=1.0, w_max=3.0), RunConfig(output="unused", steps=2))
+    m.setup(teacher)
+    out = export_pipeline(teacher, student, m.export_scheduler(teacher.scheduler), tmp_path / "pipe", 2, 1.5, {}, "a digit 1")
+    dtypes = {t.dtype for f in out.glob("*/*.safetensors") for t in load_file(str(f)).values()}
+    assert dtypes == {torch.float32}
+    assert teacher.pipe.text_encoder.dtype == torch.bfloat16  # the training copy is untouched
+
+
+def test_export_takes_the_trainer_student_ema_over_the_target_when_asked(tiny_sd):
+    teacher = load_teacher(tiny_sd)
+    plain = ConsistencyDistillation(ConsistencyConfig(w_min=1.0, w_max=3.0), RunConfig(output="unused", steps=4))
+    plain.setup(teacher)
+    assert plain.export_unet(lambda m: m) is plain.target
+    run = RunConfig(output="unused", steps=4)
+    run.train.student_ema_decay = 0.999
+    slow = ConsistencyDistillation(ConsistencyConfig(w_min=1.0, w_max=3.0), run)
+    slow.setup(teacher)
+    assert slow.export_unet(lambda m: m) is slow.student  # the trainer swaps the EMA weights in for export

@@ -127,8 +127,13 @@ def test_stages_are_exported_and_sample_with_plain_diffusers(tiny_sd, tmp_path):
 
     from diffdistill.distill import run_distill
 
-    summary = run_distill(_tiny_run(tiny_sd, tmp_path / "run"))
+    summary = run_distill(_tiny_run(tiny_sd, tmp_path / "run", log_every=1))
     assert summary["train_steps"] == 2 + 2 * 2  # guidance stage + halvings 8 -> 4 -> 2
+    import csv
+
+    rows = list(csv.DictReader((tmp_path / "run" / "logs.csv").open()))
+    # the halving stages' log keys, first seen at step 3, became columns of the whole file
+    assert [r["student_steps"] for r in rows] == ["", "", "4.0", "4.0", "2.0", "2.0"]
     names = sorted(p.split("/")[-1] for p in summary["stages"])
     assert names == ["2_steps", "4_steps", "8_steps"]
     for name, n in (("8_steps", 8), ("4_steps", 4), ("2_steps", 2), (None, 2)):
@@ -152,7 +157,9 @@ def test_resume_mid_stage_is_exact(tiny_sd, tmp_path):
     from diffdistill.trainer import Trainer, TrainingInterrupted, list_checkpoints
 
     def trainer_for(out, stop_after=None, resume=""):
-        run = _tiny_run(tiny_sd, out, checkpointing_steps=100, resume_from_checkpoint=resume, iters_per_stage=3)
+        # A per-stage linear LR schedule with warm-up: resuming mid-stage must land on the same LR too.
+        run = _tiny_run(tiny_sd, out, checkpointing_steps=100, resume_from_checkpoint=resume, iters_per_stage=3,
+                        lr_scheduler="linear", lr_warmup_steps=1)
         spec = get_method("progressive")
         method = spec.method_cls(spec.config_cls(**run.method_args), run)
         run.train.max_train_steps = method.total_steps
@@ -176,3 +183,36 @@ def test_resume_mid_stage_is_exact(tiny_sd, tmp_path):
     a = load_file(str(tmp_path / "ref/checkpoints/checkpoint-8/model_student.safetensors"))
     b = load_file(str(tmp_path / "cut/checkpoints/checkpoint-8/model_student.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_lr_schedule_starts_over_at_every_stage(tiny_sd):
+    from diffdistill.methods import get_method
+    from diffdistill.trainer import segmented_lr_scheduler
+
+    run = _tiny_run(tiny_sd, "unused", iters_per_stage=4, guidance_iters=2)
+    spec = get_method("progressive")
+    method = spec.method_cls(spec.config_cls(**run.method_args), run)
+    assert method.lr_segments() == [(0, 2), (2, 4), (6, 4)]  # guidance (8 steps), then 4 and 2 steps
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    sched = segmented_lr_scheduler("linear", opt, 1, method.lr_segments())
+    lrs = []
+    for _ in range(10):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    # warm-up of 1 step (factor 0), then linear decay to 0 over the rest of each stage
+    expect = [0, 1] + [0, 1, 2 / 3, 1 / 3] * 2
+    assert lrs == pytest.approx(expect)
+
+
+def test_time_limit_mid_run_exports_the_current_stage_with_its_own_step_count(tiny_sd, tmp_path):
+    import json
+
+    from diffdistill.distill import run_distill
+
+    summary = run_distill(_tiny_run(tiny_sd, tmp_path / "run", max_train_minutes=1e-9))
+    assert (summary["train_steps"], summary["stopped_by"]) == (1, "max_train_minutes")  # inside the guidance stage
+    info = json.loads((tmp_path / "run" / "pipeline" / "diffdistill.json").read_text())
+    assert info["num_inference_steps"] == 8  # the guidance stage's student samples in 8 steps, not --steps 2
+    card = (tmp_path / "run" / "pipeline" / "README.md").read_text()
+    assert "early, by --max-train-minutes, at step 1" in card

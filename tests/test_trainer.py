@@ -195,3 +195,14 @@ def test_gradient_accumulation_and_checkpointing_flags(tiny_sd, tmp_path):
     result = tr.fit()
     assert result.steps == 2 and tr.batches_seen == 4  # two micro-batches per optimiser step
     assert tr.method.student.is_gradient_checkpointing
+
+
+def test_max_train_minutes_ends_the_run_early_with_a_final_checkpoint(tiny_sd, tmp_path):
+    # A budget of ~0 s: the run stops after its first step and finishes as a completed run would.
+    tr = _trainer(tiny_sd, tmp_path, max_train_steps=50, max_train_minutes=1e-9, checkpointing_steps=0)
+    result = tr.fit()
+    assert (result.steps, result.stopped_by) == (1, "max_train_minutes")
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["checkpoint-1"]
+    (tmp_path / "full").mkdir()
+    full = _trainer(tiny_sd, tmp_path / "full", max_train_steps=2, checkpointing_steps=0).fit()
+    assert (full.steps, full.stopped_by) == (2, "max_train_steps")

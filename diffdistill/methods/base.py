@@ -74,6 +74,11 @@ class DistillMethod:
         """
         return []
 
+    def lr_segments(self) -> list[tuple[int, int]] | None:
+        """(first step, length) of the spans on which the LR schedule starts over (warm-up included);
+        None: one span, the whole run."""
+        return None
+
     def on_resume(self, step: int) -> None:
         """Called after a checkpoint of step ``step`` was loaded."""
 

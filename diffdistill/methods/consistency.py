@@ -195,8 +195,11 @@ class ConsistencyDistillation(DistillMethod):
     def export_unet(self, unwrap) -> torch.nn.Module:
         if self.lora:
             return self.fused_lora_unet(unwrap)
-        # LCM exports the EMA target network: it is the smoothed consistency function.
-        return self.target if self.target is not None else unwrap(self.student)
+        # LCM exports the EMA target network (the smoothed consistency function), unless the trainer keeps
+        # its own, usually slower, EMA of the student (--student-ema-decay): then the student holds it here.
+        if self.target is not None and self.run.train.student_ema_decay == 0:
+            return self.target
+        return unwrap(self.student)
 
     def fused_lora_unet(self, unwrap) -> torch.nn.Module:
         """A plain UNet2DConditionModel equal to teacher + LoRA (merged by peft, no adapter layers left)."""

@@ -217,6 +217,11 @@ class ProgressiveDistillation(DistillMethod):
             self.current = new
         return finished
 
+    def lr_segments(self) -> list[tuple[int, int]]:
+        # Every stage is a fresh distillation problem: its LR schedule (e.g. linear decay to 0, as in
+        # Salimans & Ho) runs over the stage alone.
+        return [(s.first_iter, s.iters) for s in self.stages]
+
     def sampling_steps(self) -> int:
         return self.current.student_steps if self.current is not None else self.run.steps
 
