@@ -505,12 +505,12 @@ class Trainer:
         """Whether --max-train-minutes has passed; the main process decides for every rank."""
         if not self.cfg.max_train_minutes:
             return False
-        late = torch.tensor([float(time.time() - t0 >= 60 * self.cfg.max_train_minutes)], device=self.accelerator.device)
-        if self.accelerator.num_processes > 1:
-            from accelerate.utils import broadcast
+        late = time.time() - t0 >= 60 * self.cfg.max_train_minutes
+        if self.accelerator.num_processes == 1:
+            return late  # no device tensor and no sync on the hot path of a single process
+        from accelerate.utils import broadcast
 
-            late = broadcast(late, from_process=0)
-        return bool(late.item())
+        return bool(broadcast(torch.tensor([float(late)], device=self.accelerator.device), from_process=0).item())
 
     def rank_checksums(self) -> list[float]:
         """Sum of the student's weights on every rank (float64): equal on all ranks when DDP kept them in sync."""

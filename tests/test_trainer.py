@@ -148,13 +148,15 @@ def test_two_process_ddp_ranks_stay_identical(tiny_sd, tmp_path):
     # when ACCELERATE_USE_CPU is set; `accelerate launch --cpu` alone starts a single process.
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
-           "-m", "diffdistill.cli", "distill", "--method", "lcm", "--teacher", tiny_sd, "--output", str(out), *TINY]
+           "-m", "diffdistill.cli", "distill", "--method", "lcm", "--teacher", tiny_sd, "--output", str(out), *TINY,
+           "--max-train-minutes", "60"]  # never reached: runs the ranks' shared stop decision (a broadcast) each step
     cmd[cmd.index("--max-train-steps") + 1] = "3"
     r = _run(cmd, timeout=600, ACCELERATE_USE_CPU="true")
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     sums = summary["rank_weight_checksums"]
     assert summary["num_processes"] == 2 and len(sums) == 2 and sums[0] == sums[1]
+    assert (summary["train_steps"], summary["stopped_by"]) == (3, "max_train_steps")
     w = load_file(str(out / "checkpoints" / "checkpoint-3" / "model_student.safetensors"))
     assert float(torch.stack([v.double().sum() for v in w.values()]).sum()) == pytest.approx(sums[0], rel=1e-12)
 
