@@ -17,7 +17,7 @@ import torch
 from .config import RunConfig, build_dataclass, save_yaml, to_dict
 from .data import build_dataset
 from .errors import require
-from .export import export_lora, export_pipeline, write_model_card
+from .export import EXPORT_INFO, export_lora, export_pipeline, write_model_card
 from .methods import get_method
 from .models import load_teacher
 from .trainer import Trainer, list_checkpoints, make_accelerator
@@ -141,10 +141,14 @@ def export_run(run: RunConfig, method, teacher, trainer: Trainer, out: Path,
                "intended steps": n, "recommended guidance_scale": guidance,
                "scheduler": type(scheduler).__name__, "training steps": trainer.step,
                **method.card_details()}
+    baked = json.loads((pipeline_dir / EXPORT_INFO).read_text()).get("guidance_baked", False)
+    if baked:
+        details["guidance"] = "baked into the weights: guidance_scale has no effect (one UNet pass per step)"
     if stopped_by != "max_train_steps":
         details["training stopped"] = f"early, by --{stopped_by.replace('_', '-')}, at step {trainer.step}"
     usage = (f'from diffusers import DiffusionPipeline\n\npipe = DiffusionPipeline.from_pretrained("{pipeline_dir}")\n'
-             f'image = pipe("{prompt}", num_inference_steps={n}, guidance_scale={guidance}).images[0]')
+             f'image = pipe("{prompt}", num_inference_steps={n}'
+             + (").images[0]" if baked else f", guidance_scale={guidance}).images[0]"))
     if table:
         table = (f"{run.benchmark_samples} samples per step count, FID/KID against the real digits with the shipped "
                  f"digits classifier as feature extractor (`diffdistill bench`).\n\n" + table)

@@ -71,17 +71,24 @@ def export_pipeline(teacher, unet, scheduler, folder: Path, steps: int, guidance
     """Write a StableDiffusionPipeline folder for ``unet`` + ``scheduler``, verified by reload-and-sample.
 
     ``info`` (method, steps, guidance, ...) is stored as ``diffdistill.json`` beside model_index.json.
+    A UNet without a guidance embedding is saved with an inert one (``with_inert_guidance_embedding``).
     """
+    from .models import guidance_is_baked, with_inert_guidance_embedding
+
     folder = Path(folder)
     tmp = folder.with_name(f".{folder.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
+    # A student with its guidance baked in must not be guided again by the pipeline's default 7.5.
+    baked = guidance_is_baked(unet)
+    unet = with_inert_guidance_embedding(unet.to(torch.float32))
     # Every component is saved in float32 (training may hold the teacher's VAE and text encoder in half
     # precision): a folder of mixed dtypes fails in a plain StableDiffusionPipeline call.
-    pipe = build_pipeline(teacher, unet.to(torch.float32), scheduler, dtype_of_teacher=False)
+    pipe = build_pipeline(teacher, unet, scheduler, dtype_of_teacher=False)
     with quiet_loading():
         pipe.save_pretrained(str(tmp), safe_serialization=True)
     (tmp / EXPORT_INFO).write_text(json.dumps({**info, "num_inference_steps": steps,
-                                               "recommended_guidance_scale": guidance_scale}, indent=2) + "\n")
+                                               "recommended_guidance_scale": guidance_scale,
+                                               "guidance_baked": baked}, indent=2) + "\n")
     try:
         verify_pipeline(tmp, prompt, steps, guidance_scale)
     except Exception:

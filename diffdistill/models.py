@@ -185,3 +185,22 @@ def student_from_teacher(teacher_unet, time_cond_proj_dim: int | None = None):
     student.train()
     student.requires_grad_(True)
     return student
+
+
+def with_inert_guidance_embedding(unet):
+    """``unet`` itself if it has a guidance embedding, else an equal copy with one that has no effect.
+
+    StableDiffusionPipeline skips its unconditional pass for a UNet with ``time_cond_proj_dim``; a student
+    whose guidance is baked into its weights (ADD, DMD, LCM-LoRA fused, ...) then gives the same images in
+    one pass per step at any ``guidance_scale``, diffusers' default 7.5 included, instead of being guided
+    a second time. The added ``cond_proj`` is zero, so the outputs are exactly the student's.
+    """
+    if unet.config.time_cond_proj_dim is not None:
+        return unet
+    return student_from_teacher(unet, GUIDANCE_EMBED_DIM).eval().requires_grad_(False)
+
+
+def guidance_is_baked(unet) -> bool:
+    """True when the UNet's guidance embedding is absent or all zero: ``guidance_scale`` cannot change its output."""
+    proj = getattr(unet.time_embedding, "cond_proj", None)
+    return proj is None or not bool(proj.weight.detach().abs().max() > 0)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -94,9 +96,15 @@ def test_add_end_to_end_with_prompt_only_data_and_plain_diffusers(tiny_sd, tmp_p
     for n in (1, 2, 4):
         calls: list[int] = []
         hook = pipe.unet.register_forward_pre_hook(lambda m, a, calls=calls: calls.append(1))
-        img = pipe("a handwritten digit 3", num_inference_steps=n, guidance_scale=1.0, output_type="pt").images
+        img = pipe("a handwritten digit 3", num_inference_steps=n, guidance_scale=1.0, output_type="pt",
+                   generator=torch.Generator().manual_seed(0)).images
         hook.remove()
         assert len(calls) == n and torch.isfinite(img).all()
+        # Guidance is baked into the student: diffusers' default guidance_scale (7.5) gives the same images.
+        default = pipe("a handwritten digit 3", num_inference_steps=n, output_type="pt",
+                       generator=torch.Generator().manual_seed(0)).images
+        torch.testing.assert_close(default, img, rtol=0, atol=0)
+    assert json.loads((Path(summary["pipeline"]) / "diffdistill.json").read_text())["guidance_baked"] is True
 
 
 @pytest.mark.slow

@@ -23,10 +23,11 @@ from diffusers import DiffusionPipeline
 pipe = DiffusionPipeline.from_pretrained(sys.argv[1])
 pipe.set_progress_bar_config(disable=True)
 calls = []
-pipe.unet.register_forward_pre_hook(lambda m, a: calls.append(1))
+pipe.unet.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[0]))
 img = pipe("a handwritten digit 7", num_inference_steps=int(sys.argv[2]), output_type="np").images
 assert "diffdistill" not in sys.modules
-print(json.dumps({"scheduler": type(pipe.scheduler).__name__, "calls": len(calls), "shape": list(img.shape),
+print(json.dumps({"scheduler": type(pipe.scheduler).__name__, "calls": len(calls), "batch": max(calls),
+                  "shape": list(img.shape),
                   "finite": bool(torch.isfinite(torch.from_numpy(img)).all())}))
 """
 
@@ -47,7 +48,8 @@ def test_distill_lcm_end_to_end_and_plain_diffusers_load(tiny_sd, tmp_path, caps
         assert (out / f).exists(), f
     assert not list(out.glob(".*tmp*")) and not list((out / "checkpoints").glob(".tmp*"))
     info = _plain_load(out / "pipeline", 2)
-    assert info["scheduler"] == "LCMScheduler" and info["calls"] == 2 and info["finite"]  # 1 UNet pass per step
+    # 1 UNet pass per step of one image at the default guidance_scale (7.5): no unconditional half
+    assert info["scheduler"] == "LCMScheduler" and info["calls"] == 2 and info["batch"] == 1 and info["finite"]
     assert info["shape"] == [1, 32, 32, 3]
     card = (out / "pipeline" / "README.md").read_text()
     assert "num_inference_steps=2" in card
@@ -68,7 +70,8 @@ def test_distill_lcm_lora_end_to_end(tiny_sd, tmp_path):
     assert main(["distill", "--method", "lcm", "--teacher", tiny_sd, "--output", str(out), "--lora-rank", "4",
                  "--ema-decay", "0", *TINY]) == 0
     assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
-    assert _plain_load(out / "pipeline", 2)["calls"] == 2
+    info = _plain_load(out / "pipeline", 2)
+    assert info["calls"] == 2 and info["batch"] == 1  # the fused LoRA student's guidance is baked: never re-guided
     ckpt = out / "checkpoints" / "checkpoint-3" / "model_student.safetensors"
     from safetensors.torch import load_file
 

@@ -230,3 +230,36 @@ def test_export_takes_the_trainer_student_ema_over_the_target_when_asked(tiny_sd
     slow = ConsistencyDistillation(ConsistencyConfig(w_min=1.0, w_max=3.0), run)
     slow.setup(teacher)
     assert slow.export_unet(lambda m: m) is slow.student  # the trainer swaps the EMA weights in for export
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("w_range", [(1.5, 1.5), (1.0, 3.0)])
+def test_single_guidance_scale_is_baked_in_and_pipeline_ignores_guidance_scale(w_range, tiny_sd, tmp_path):
+    """w_min == w_max: the guidance embedding stays frozen at zero through training, checkpoint and export,
+    so plain diffusers gives the same latents at guidance_scale 1.5 and at its default 7.5 (one pass per step).
+    With a range, the same run teaches the embedding and the two calls differ."""
+    from diffusers import DiffusionPipeline
+
+    from diffdistill.cli import main
+
+    out = tmp_path / "run"
+    args = ["distill", "--method", "lcm", "--teacher", tiny_sd, "--output", str(out), "--max-train-steps", "3",
+            "--batch-size", "4", "--checkpointing-steps", "2", "--validation-steps", "0", "--benchmark-samples", "0",
+            "--steps", "2", "--num-ddim-timesteps", "10", "--w-min", str(w_range[0]), "--w-max", str(w_range[1]),
+            "--lr-warmup-steps", "0", "--learning-rate", "1e-3", "--student-ema-decay", "0"]
+    assert main(args) == 0
+    pipe = DiffusionPipeline.from_pretrained(str(out / "pipeline"))
+    pipe.set_progress_bar_config(disable=True)
+    cond_proj = pipe.unet.time_embedding.cond_proj.weight
+    latents = {}
+    for g in (1.5, 7.5):
+        with torch.no_grad():
+            latents[g] = pipe("a handwritten digit 4", num_inference_steps=2, guidance_scale=g, output_type="latent",
+                              generator=torch.Generator().manual_seed(0)).images
+    if w_range[0] == w_range[1]:
+        assert cond_proj.abs().max().item() == 0.0
+        torch.testing.assert_close(latents[1.5], latents[7.5], rtol=0, atol=0)
+        assert "baked in" in (out / "pipeline" / "README.md").read_text()
+    else:
+        assert cond_proj.abs().max().item() > 0.0
+        assert (latents[1.5] - latents[7.5]).abs().max().item() > 1e-6

@@ -10,6 +10,9 @@ itself under stop-gradient when ``ema_decay = 0``, as in iCT / LCM-LoRA).
 Guidance is distilled: the full student gets a guidance embedding (``time_cond_proj_dim``) fed
 exactly as StableDiffusionPipeline feeds it (the embedding of ``guidance_scale - 1``), so a student
 trained on teacher CFG at scale w samples with ``guidance_scale=w`` in one UNet pass per step.
+With a single scale (``w_min == w_max``) the guidance is baked in instead: the embedding layer stays in
+the UNet, so the pipeline still makes one pass per step, but frozen at zero, so the student gives the
+same images whatever ``guidance_scale`` a caller passes (diffusers' default 7.5 included).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ class ConsistencyConfig:
     num_ddim_timesteps: int = opt(50, "points N of the DDIM grid the student is trained on (skipping step T/N)")
     solver: str = opt("ddim", f"teacher ODE solver for the step t_(n+k) -> t_n: {', '.join(SOLVERS)}")
     w_min: float = opt(3.0, "smallest teacher guidance scale sampled (diffusers convention, 1 = no guidance)")
-    w_max: float = opt(13.0, "largest teacher guidance scale sampled")
+    w_max: float = opt(13.0, "largest teacher guidance scale sampled (= --w-min: one scale, baked into the student)")
     ema_decay: float = opt(0.95, "EMA decay of the target network (0: the student itself, stop-gradient)")
     loss_type: str = opt("huber", f"distance between online and target outputs: {', '.join(LOSS_TYPES)}")
     huber_c: float = opt(0.001, "c of the pseudo-Huber loss sqrt(d^2 + c^2) - c")
@@ -44,6 +47,11 @@ class ConsistencyConfig:
     lora_alpha: float = opt(0.0, "LoRA alpha (0: equal to the rank)")
     timestep_scaling: float = opt(TIMESTEP_SCALING, "timestep scaling of the boundary scalings c_skip, c_out")
     guidance_scale: float = opt(0.0, "guidance scale the export recommends (0: the middle of [w_min, w_max]; LoRA: 1)")
+
+    @property
+    def fixed_guidance(self) -> bool:
+        """One teacher guidance scale (w_min == w_max): guidance is baked into the student."""
+        return self.w_min == self.w_max
 
     def __post_init__(self):
         require(self.num_ddim_timesteps > 0, f"--num-ddim-timesteps must be > 0, got {self.num_ddim_timesteps}")
@@ -172,6 +180,9 @@ class ConsistencyDistillation(DistillMethod):
                     p.data = p.data.float()
         else:
             self.student = student_from_teacher(teacher.unet, GUIDANCE_EMBED_DIM)
+            if self.cfg.fixed_guidance:
+                # Baked-in guidance: the zero-initialised embedding layer never trains, so guidance_scale is inert.
+                self.student.time_embedding.cond_proj.requires_grad_(False)
             if self.cfg.ema_decay > 0:
                 self.target = copy.deepcopy(self.student).requires_grad_(False).eval()
 
@@ -240,11 +251,17 @@ class ConsistencyDistillation(DistillMethod):
 
     def card_details(self) -> dict:
         c = self.cfg
+        if self.lora:
+            student = f"LoRA rank {c.lora_rank} on the teacher UNet"
+        elif c.fixed_guidance:
+            student = (f"full UNet; guidance w = {c.w_min} baked in (its {GUIDANCE_EMBED_DIM}-d guidance embedding is "
+                       "frozen at zero, so any guidance_scale gives the same images in one pass per step)")
+        else:
+            student = f"full UNet with a {GUIDANCE_EMBED_DIM}-d guidance embedding (time_cond_proj_dim)"
         return {
-            "student": f"LoRA rank {c.lora_rank} on the teacher UNet" if self.lora
-            else f"full UNet with a {GUIDANCE_EMBED_DIM}-d guidance embedding (time_cond_proj_dim)",
+            "student": student,
             "DDIM grid": f"{c.num_ddim_timesteps} points, teacher solver {c.solver}",
-            "teacher guidance sampled": f"w in [{c.w_min}, {c.w_max}]",
+            "teacher guidance sampled": f"w = {c.w_min}" if c.fixed_guidance else f"w in [{c.w_min}, {c.w_max}]",
             "target network": f"EMA decay {c.ema_decay}" if c.ema_decay > 0 else "the student (stop-gradient)",
             "loss": c.loss_type + (f" (c = {c.huber_c})" if c.loss_type == "huber" else ""),
         }
