@@ -235,7 +235,7 @@ def test_export_takes_the_trainer_student_ema_over_the_target_when_asked(tiny_sd
 @pytest.mark.slow
 @pytest.mark.parametrize("w_range", [(1.5, 1.5), (1.0, 3.0)])
 def test_single_guidance_scale_is_baked_in_and_pipeline_ignores_guidance_scale(w_range, tiny_sd, tmp_path):
-    """w_min == w_max: the guidance embedding stays frozen at zero through training, checkpoint and export,
+    """w_min == w_max: the student trains without a guidance embedding and the export adds a zero one,
     so plain diffusers gives the same latents at guidance_scale 1.5 and at its default 7.5 (one pass per step).
     With a range, the same run teaches the embedding and the two calls differ."""
     from diffusers import DiffusionPipeline

@@ -10,9 +10,10 @@ itself under stop-gradient when ``ema_decay = 0``, as in iCT / LCM-LoRA).
 Guidance is distilled: the full student gets a guidance embedding (``time_cond_proj_dim``) fed
 exactly as StableDiffusionPipeline feeds it (the embedding of ``guidance_scale - 1``), so a student
 trained on teacher CFG at scale w samples with ``guidance_scale=w`` in one UNet pass per step.
-With a single scale (``w_min == w_max``) the guidance is baked in instead: the embedding layer stays in
-the UNet, so the pipeline still makes one pass per step, but frozen at zero, so the student gives the
-same images whatever ``guidance_scale`` a caller passes (diffusers' default 7.5 included).
+With a single scale (``w_min == w_max``) the guidance is baked in instead, as for a LoRA student: the
+student trains without a guidance embedding, and the export gives it an inert one (zero), so the
+pipeline makes one pass per step and gives the same images whatever ``guidance_scale`` a caller passes
+(diffusers' default 7.5 included).
 """
 
 from __future__ import annotations
@@ -179,10 +180,9 @@ class ConsistencyDistillation(DistillMethod):
                 if p.requires_grad:
                     p.data = p.data.float()
         else:
-            self.student = student_from_teacher(teacher.unet, GUIDANCE_EMBED_DIM)
-            if self.cfg.fixed_guidance:
-                # Baked-in guidance: the zero-initialised embedding layer never trains, so guidance_scale is inert.
-                self.student.time_embedding.cond_proj.requires_grad_(False)
+            # One scale: baked in, no embedding to learn (export_pipeline adds an inert one).
+            embed_dim = None if self.cfg.fixed_guidance else GUIDANCE_EMBED_DIM
+            self.student = student_from_teacher(teacher.unet, embed_dim)
             if self.cfg.ema_decay > 0:
                 self.target = copy.deepcopy(self.student).requires_grad_(False).eval()
 
@@ -254,8 +254,7 @@ class ConsistencyDistillation(DistillMethod):
         if self.lora:
             student = f"LoRA rank {c.lora_rank} on the teacher UNet"
         elif c.fixed_guidance:
-            student = (f"full UNet; guidance w = {c.w_min} baked in (its {GUIDANCE_EMBED_DIM}-d guidance embedding is "
-                       "frozen at zero, so any guidance_scale gives the same images in one pass per step)")
+            student = f"full UNet; guidance w = {c.w_min} baked in"
         else:
             student = f"full UNet with a {GUIDANCE_EMBED_DIM}-d guidance embedding (time_cond_proj_dim)"
         return {
