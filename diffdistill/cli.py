@@ -28,7 +28,7 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _add_fields(group, cls, seen: set[str], note: str = "") -> None:
+def _add_fields(group, cls, seen: set[str], note: typing.Callable[[str], str] = lambda field: "") -> None:
     """Add one flag per dataclass field; defaults stay in the dataclass (argparse leaves unset flags out)."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -38,7 +38,7 @@ def _add_fields(group, cls, seen: set[str], note: str = "") -> None:
         tp = _resolve_type(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         shown = "none" if default is None else repr(default) if isinstance(default, str) else default
-        help_text = f"{f.metadata.get('help', '')} (default: {shown}{note})"
+        help_text = f"{f.metadata.get('help', '')} (default: {shown}{note(f.name)})"
         flag = "--" + f.name.replace("_", "-")
         if tp is bool:
             group.add_argument(flag, dest=f.name, nargs="?", const="true", default=argparse.SUPPRESS,
@@ -63,9 +63,13 @@ def add_distill_parser(sub) -> None:
     _add_fields(p.add_argument_group("run"), RunConfig, seen)
     for name, cls in SECTIONS.items():
         _add_fields(p.add_argument_group(name), cls, seen)
+    users: dict[str, list[str]] = {}  # a flag several methods share names them all in its help
+    for name, spec in METHODS.items():
+        for f in dataclasses.fields(spec.config_cls):
+            users.setdefault(f.name, []).append(name)
     for name, spec in METHODS.items():
         group = p.add_argument_group(f"--method {name}", spec.summary)
-        _add_fields(group, spec.config_cls, seen, note=f"; --method {name}")
+        _add_fields(group, spec.config_cls, seen, note=lambda field: f"; --method {', '.join(users[field])}")
     p.set_defaults(func=cmd_distill)
 
 

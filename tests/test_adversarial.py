@@ -43,6 +43,41 @@ def test_student_grid_and_export_preset_agree(tiny_sd):
     assert sched.timesteps.tolist() == [999]
 
 
+def test_pure_noise_at_the_top_student_timestep():
+    """With pure_noise_at_top the student's input at s = T - 1 is the noise itself (as at sampling time);
+    at the other timesteps, and without the option, it is the real latent noised to s."""
+    from diffusers import DDPMScheduler
+
+    from diffdistill.denoiser import NoiseSchedule
+    from diffdistill.methods.adversarial import generator_forward
+
+    schedule = NoiseSchedule.from_scheduler(DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085,
+                                                          beta_end=0.012))
+    seen = []
+
+    class Spy:
+        def __init__(self):
+            self.schedule = schedule
+
+        def x0_eps(self, x, t, cond):
+            seen.append(x.clone())
+            return x, x
+
+    grid = student_grid(1000, 4)
+    x0, noise = torch.randn(4, 4, 8, 8), torch.randn(4, 4, 8, 8)
+    batch = {"latents": x0, "cond": torch.zeros(4, 7, 16), "noise": noise, "k": torch.tensor([3, 2, 1, 3])}
+    generator_forward(Spy(), batch, grid, pure_noise_at_top=True)
+    generator_forward(Spy(), batch, grid)
+    s = grid[batch["k"]]
+    noised = schedule.add_noise(x0, noise, s)
+    top = s == 999
+    assert torch.equal(seen[0][top], noise[top]) and torch.equal(seen[0][~top], noised[~top])
+    assert torch.equal(seen[1], noised) and not torch.equal(seen[1][top], noise[top])
+    # top_fraction 1: every sample takes the 1-step path
+    _, s_all = generator_forward(Spy(), {"latents": x0, "cond": batch["cond"]}, grid, top_fraction=1.0)
+    assert s_all.tolist() == [999] * 4
+
+
 @pytest.mark.slow
 def test_few_steps_train_heads_not_feature_network(tiny_sd, tmp_path):
     from diffdistill.data import build_dataset
@@ -50,7 +85,9 @@ def test_few_steps_train_heads_not_feature_network(tiny_sd, tmp_path):
     from diffdistill.models import load_teacher
     from diffdistill.trainer import Trainer
 
-    run = _run(tiny_sd, tmp_path)
+    # with the optional regression term: a pool of 3 teacher pairs, 2 added per generator step
+    run = _run(tiny_sd, tmp_path, regression_weight=0.5, regression_steps=2, regression_pairs=3,
+               regression_batch_size=2)
     spec = get_method("add")
     method = spec.method_cls(spec.config_cls(**run.method_args), run)
     trainer = Trainer(run, method, load_teacher(tiny_sd), tmp_path, build_dataset(run.data, 32))
@@ -79,6 +116,7 @@ def test_few_steps_train_heads_not_feature_network(tiny_sd, tmp_path):
     assert any(not torch.equal(v, method.student.state_dict()[k]) for k, v in student_before.items())
     header = (tmp_path / "logs.csv").read_text().splitlines()[0]
     assert "discriminator/r1" in header and "generator/g_adv" in header and "generator/g_distill" in header
+    assert "generator/g_regression" in header and len(method.pool) == 3
 
 
 @pytest.mark.slow
@@ -123,6 +161,9 @@ def test_image_feature_network_from_a_local_folder(tiny_sd, tmp_path):
 @pytest.mark.parametrize("kw,msg", [
     (dict(adv_weight=-1.0), "--adv-weight"),
     (dict(r1_weight=-0.1), "--r1-weight"),
+    (dict(regression_weight=-1.0), "--regression-weight"),
+    (dict(regression_pairs=0), "--regression-pairs"),
+    (dict(top_fraction=1.5), "--top-fraction"),
     (dict(student_timesteps=0), "--student-timesteps"),
     (dict(disc_t_min=10, disc_t_max=5), "--disc-t-min"),
 ])

@@ -85,8 +85,11 @@ def test_help_on_every_command(capsys):
         assert e.value.code == 0
     text = capsys.readouterr().out
     for flag in ("--lora-rank", "--ema-decay", "--num-ddim-timesteps", "--huber-c", "--resume-from-checkpoint",
-                 "--mixed-precision", "--gradient-checkpointing", "--steps", "--guidance", "--num-samples"):
+                 "--mixed-precision", "--gradient-checkpointing", "--steps", "--guidance", "--num-samples",
+                 "--regression-weight", "--gan-weight"):
         assert flag in text, flag
+    # a flag several methods share names each of them in its help
+    assert "--method add, dmd, sds" in " ".join(text.split())
 
 
 def test_dry_run_prints_resolved_config(tiny_sd, tmp_path, capsys):

@@ -11,6 +11,7 @@ from diffdistill.cli import main
 from diffdistill.config import build_run_config
 from diffdistill.denoiser import Denoiser
 from diffdistill.errors import UserError
+from diffdistill.methods.regression import RegressionPool, regression_loss
 from diffdistill.methods.score import (
     LatentGenerator,
     ScoreConfig,
@@ -76,6 +77,42 @@ def test_dmd_gradient_vanishes_when_fake_equals_real(tiny_sd):
                         torch.tensor([300, 700])).abs().max().item() > 1e-3
 
 
+def test_regression_pool_fills_once_and_keeps_pairs_together():
+    """The pool takes pairs until it holds ``size`` (never more) and samples rows whole: a row's noise,
+    text and target stay the pair they were stored as."""
+    pool = RegressionPool(size=5, fill=2)
+    assert len(pool) == 0 and not pool.full()
+    for start in (0, 3, 6):  # 3 + 3 + 3 offered, 5 kept
+        ids = torch.arange(start, start + 3, dtype=torch.float32)
+        pool.add(ids[:, None, None, None].expand(3, 4, 8, 8), ids[:, None, None].expand(3, 7, 16),
+                 -ids[:, None, None, None].expand(3, 4, 8, 8))
+    assert len(pool) == 5 and pool.full()
+    assert pool.noise[:, 0, 0, 0].tolist() == [0, 1, 2, 3, 4]
+    noise, cond, target = pool.sample(64)
+    assert noise.shape == (64, 4, 8, 8) and cond.shape == (64, 7, 16)
+    assert torch.equal(noise[:, 0, 0, 0], cond[:, 0, 0]) and torch.equal(noise, -target)
+    assert set(noise[:, 0, 0, 0].tolist()) <= {0.0, 1.0, 2.0, 3.0, 4.0}
+
+
+def test_regression_loss_is_zero_at_the_target_and_its_gradient_is_the_residual():
+    target = torch.randn(3, 4, 8, 8)
+    assert regression_loss(target.clone(), target).item() == 0.0
+    x = (target + torch.randn_like(target)).requires_grad_(True)
+    regression_loss(x, target).backward()
+    torch.testing.assert_close(x.grad, (x.detach() - target) / 3)
+    # per element: the same loss divided by the size of one sample
+    torch.testing.assert_close(regression_loss(x, target, per_element=True) * 4 * 8 * 8, regression_loss(x, target))
+
+
+def test_gan_losses():
+    from diffdistill.methods.score import gan_generator_loss, gan_head_loss
+
+    big = torch.full((3,), 30.0)
+    assert gan_head_loss(big, -big).item() < 1e-10  # confident and right
+    assert gan_head_loss(torch.zeros(3), torch.zeros(3)).item() == pytest.approx(2 * torch.log(torch.tensor(2.0)).item())
+    assert gan_generator_loss(big).item() < 1e-10 and gan_generator_loss(-big).item() == pytest.approx(30.0)
+
+
 def _run(teacher, out, method, **kw):
     values = {"method": method, "teacher": teacher, "output": str(out), "steps": 1, "batch_size": 2,
               "max_train_steps": 2, "checkpointing_steps": 0, "validation_steps": 0, "lr_warmup_steps": 0,
@@ -90,7 +127,8 @@ def test_one_step_students_train_and_export(method, tiny_sd, tmp_path):
 
     from diffdistill.distill import run_distill
 
-    extra = {"fake_updates": 2, "regression_weight": 0.5, "regression_steps": 2} if method == "dmd" else {}
+    extra = ({"fake_updates": 2, "regression_weight": 0.5, "regression_steps": 2, "regression_pairs": 3,
+              "regression_batch_size": 2} if method == "dmd" else {})
     summary = run_distill(_run(tiny_sd, tmp_path / "run", method, **extra))
     header = (tmp_path / "run" / "logs.csv").read_text().splitlines()[0]
     if method == "dmd":
@@ -142,3 +180,42 @@ def test_sds_command_writes_result_and_progress(tiny_sd, tmp_path, capsys):
     assert main(["sds", "--teacher", tiny_sd, "--prompt", "a", "--output", str(tmp_path / "x"),
                  "--guidance-scale", "-2"]) == 2
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_dmd2_gan_term_trains_the_head_and_leaves_the_critic_alone_in_the_generator_step(tiny_sd, tmp_path):
+    """With --gan-weight the critic phase trains the fake network and the head on real and generated
+    features; the generator phase back-propagates through them to the generator only."""
+    import copy
+
+    from diffdistill.data import build_dataset
+    from diffdistill.methods import get_method
+    from diffdistill.models import load_teacher
+    from diffdistill.trainer import Trainer
+
+    run = _run(tiny_sd, tmp_path, "dmd", gan_weight=0.5, max_train_steps=2)
+    spec = get_method("dmd")
+    method = spec.method_cls(spec.config_cls(**run.method_args), run)
+    trainer = Trainer(run, method, load_teacher(tiny_sd), tmp_path, build_dataset(run.data, 32))
+    trainer._setup()
+    batch = next(trainer._batch_stream())
+    before = {name: copy.deepcopy(m.state_dict()) for name, m in method.trainable_modules().items()}
+    loss, logs = method.loss("generator", batch, 0)
+    loss.backward()
+    assert "gan" in logs and torch.isfinite(loss)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in method.student.parameters())
+    assert all(p.grad is None for p in [*method.fake.parameters(), *method.head.parameters()])
+    method.student.zero_grad(set_to_none=True)
+    loss, logs = method.loss("fake_score", batch, 0)
+    loss.backward()
+    assert {"denoise", "gan_head", "d_real", "d_fake"} <= set(logs)
+    assert all(p.grad is not None for p in method.head.parameters())
+    assert all(p.grad is None for p in method.student.parameters())
+    method.fake.zero_grad(set_to_none=True)
+    method.head.zero_grad(set_to_none=True)
+    trainer._setup = lambda: None  # already set up
+    trainer.fit()
+    for name, module in method.trainable_modules().items():
+        assert any(not torch.equal(v, module.state_dict()[k]) for k, v in before[name].items()), name
+    header = (tmp_path / "logs.csv").read_text().splitlines()[0]
+    assert "generator/gan" in header and "fake_score/gan_head" in header

@@ -30,10 +30,11 @@ from ..denoiser import TIMESTEP_SCALING, Denoiser, consistency_output
 from ..errors import UserError, require
 from ..models import student_from_teacher
 from .base import DistillMethod
+from .regression import RegressionOptions, RegressionPool, regression_loss
 
 
 @dataclass
-class AdversarialConfig:
+class AdversarialConfig(RegressionOptions):
     """Options of adversarial diffusion distillation (``--method add``)."""
 
     student_timesteps: int = opt(4, "number of student timesteps, evenly spaced: T/K*(k+1)-1 (4 -> 999, 749, 499, 249)")
@@ -46,6 +47,10 @@ class AdversarialConfig:
     guidance_scale: float = opt(2.0, "teacher guidance scale in the distillation loss")
     disc_t_min: int = opt(0, "smallest timestep real/fake latents are re-noised to for the discriminator")
     disc_t_max: int = opt(750, "largest timestep real/fake latents are re-noised to for the discriminator")
+    pure_noise_at_top: bool = opt(False, "feed the student pure noise at its top timestep T-1, as sampling does, "
+                                         "instead of a real latent noised to T-1")
+    top_fraction: float = opt(0.0, "probability of drawing the top student timestep (the 1-step path) before the "
+                                   "uniform draw over all of them (0: uniform)")
     synthetic_steps: int = opt(20, "DDIM steps of the teacher for synthetic 'real' data when the data has only prompts")
 
     def __post_init__(self):
@@ -55,8 +60,10 @@ class AdversarialConfig:
         require(self.adv_weight + self.distill_weight > 0, "--adv-weight and --distill-weight cannot both be 0")
         require(0 <= self.disc_t_min <= self.disc_t_max, f"need 0 <= --disc-t-min <= --disc-t-max, got "
                                                          f"{self.disc_t_min}, {self.disc_t_max}")
+        require(0 <= self.top_fraction <= 1, f"--top-fraction must be in [0, 1], got {self.top_fraction}")
         require(self.synthetic_steps > 0, f"--synthetic-steps must be > 0, got {self.synthetic_steps}")
         require(bool(self.feature_network), "--feature-network must not be empty")
+        super().__post_init__()
 
 
 def student_grid(num_train_timesteps: int, k: int) -> torch.Tensor:
@@ -185,16 +192,26 @@ def hinge_d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.
     return F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean()
 
 
-def generator_forward(student: Denoiser, batch: dict, grid: torch.Tensor):
-    """x^ = f(x_s, s) for s drawn from the student timesteps: returns (x^, s)."""
+def generator_forward(student: Denoiser, batch: dict, grid: torch.Tensor, pure_noise_at_top: bool = False,
+                      top_fraction: float = 0.0):
+    """x^ = f(x_s, s) for s drawn from the student timesteps (the top one with extra probability
+    ``top_fraction``, else uniformly): returns (x^, s).
+
+    With ``pure_noise_at_top`` the input at s = T - 1 is the noise alone, as in sampling, instead of the
+    data noised to s (whose small alpha still carries a trace of the real image)."""
     x0, cond = batch["latents"], batch["cond"]
     b = x0.shape[0]
     idx = batch.get("k")
     if idx is None:
         idx = torch.randint(0, grid.shape[0], (b,), device=x0.device)
+        idx = torch.where(torch.rand(b, device=x0.device) < top_fraction, grid.shape[0] - 1, idx)
     s = grid.to(x0.device)[idx]
     noise = batch.get("noise")
-    x_s = student.schedule.add_noise(x0, torch.randn_like(x0) if noise is None else noise, s)
+    noise = torch.randn_like(x0) if noise is None else noise
+    x_s = student.schedule.add_noise(x0, noise, s)
+    if pure_noise_at_top:
+        top = (s == student.schedule.num_train_timesteps - 1)[:, None, None, None]
+        x_s = torch.where(top, noise.to(x_s.dtype), x_s)
     x0_pred, _ = student.x0_eps(x_s, s, cond)
     return consistency_output(x_s, x0_pred, s, TIMESTEP_SCALING), s
 
@@ -216,8 +233,9 @@ def _disc_logits(features, disc, latents, t, text):
 
 
 def generator_loss(student: Denoiser, teacher: Denoiser, features, disc, batch: dict, grid, cfg: AdversarialConfig):
-    """Generator phase: -D(renoised x^) * adv_weight + distill_weight * distillation loss."""
-    fake, _ = generator_forward(student, batch, grid)
+    """Generator phase: -D(renoised x^) * adv_weight + distill_weight * distillation loss
+    (+ regression_weight * regression onto the teacher's ODE pairs ``reg_*`` when the batch has them)."""
+    fake, _ = generator_forward(student, batch, grid, cfg.pure_noise_at_top, cfg.top_fraction)
     logs = {}
     loss = torch.zeros((), device=fake.device)
     if cfg.adv_weight > 0:
@@ -230,6 +248,15 @@ def generator_loss(student: Denoiser, teacher: Denoiser, features, disc, batch: 
         dist = distillation_loss(fake, teacher, batch, cfg)
         loss = loss + cfg.distill_weight * dist
         logs["g_distill"] = dist.item()
+    if cfg.regression_weight > 0 and "reg_noise" in batch:
+        # The one-step path from pure noise (t = T - 1), pulled to the teacher's ODE sample of that noise.
+        noise = batch["reg_noise"]
+        s = torch.full((noise.shape[0],), teacher.schedule.num_train_timesteps - 1, device=noise.device)
+        x0, _ = student.x0_eps(noise, s, batch["reg_cond"])
+        reg = regression_loss(consistency_output(noise, x0, s, TIMESTEP_SCALING), batch["reg_target"],
+                              per_element=True)
+        loss = loss + cfg.regression_weight * reg
+        logs["g_regression"] = reg.item()
     logs["loss"] = loss.item()
     return loss, logs
 
@@ -237,7 +264,7 @@ def generator_loss(student: Denoiser, teacher: Denoiser, features, disc, batch: 
 def discriminator_loss(student: Denoiser, teacher: Denoiser, features, disc, batch: dict, grid, cfg: AdversarialConfig):
     """Discriminator phase: hinge loss on (real, detached fake) plus R1 on the real inputs."""
     with torch.no_grad():
-        fake, _ = generator_forward(student, batch, grid)
+        fake, _ = generator_forward(student, batch, grid, cfg.pure_noise_at_top, cfg.top_fraction)
     real = batch["latents"]
     b = real.shape[0]
     t = torch.randint(cfg.disc_t_min, cfg.disc_t_max + 1, (b,), device=real.device)
@@ -298,6 +325,7 @@ class AdversarialDistillation(DistillMethod):
         text_dim = teacher.pipe.text_encoder.config.hidden_size
         self.disc = Discriminator(self.features.channels(), self.features.cond_dim(text_dim)).to(teacher.unet.device)
         self.grid = student_grid(teacher.schedule.num_train_timesteps, self.cfg.student_timesteps)
+        self.pool = RegressionPool(self.cfg.regression_pairs, self.cfg.regression_batch_size)
 
     def trainable_modules(self) -> dict[str, torch.nn.Module]:
         return {"generator": self.student, "discriminator": self.disc}
@@ -332,6 +360,11 @@ class AdversarialDistillation(DistillMethod):
         student = Denoiser(self.student, self.teacher.schedule, self.teacher.prediction_type)
         teacher = self.teacher.denoiser()
         if phase == "generator":
+            if self.cfg.regression_weight > 0:
+                c = self.cfg
+                pairs = self.pool.top_up_and_sample(self.teacher, prepared["cond"], prepared["uncond"],
+                                                    c.guidance_scale, c.regression_steps, c.regression_batch_size)
+                prepared = {**prepared, **dict(zip(("reg_noise", "reg_cond", "reg_target"), pairs))}
             # The generator's loss must not put gradients on the heads: freeze them, and bypass the
             # DDP wrapper (its reducer would wait for gradients that never come).
             heads = getattr(self.disc, "module", self.disc)
@@ -354,7 +387,11 @@ class AdversarialDistillation(DistillMethod):
 
     def card_details(self) -> dict:
         c = self.cfg
-        return {"student timesteps": ", ".join(str(int(t)) for t in self.grid.flip(0)),
+        return {"student timesteps": ", ".join(str(int(t)) for t in self.grid.flip(0))
+                + (" (pure noise at the top one, as in sampling)" if c.pure_noise_at_top else "")
+                + (f"; the top one drawn with extra probability {c.top_fraction}" if c.top_fraction else ""),
                 "feature network": "frozen teacher UNet (LADD)" if c.feature_network == "teacher" else c.feature_network,
                 "losses": f"{c.adv_weight} x hinge adversarial + {c.distill_weight} x distillation "
-                          f"(teacher guidance {c.guidance_scale}), R1 {c.r1_weight}"}
+                          f"(teacher guidance {c.guidance_scale}), R1 {c.r1_weight}"
+                          + (f" + {c.regression_weight} x regression onto {c.regression_pairs} teacher "
+                             f"{c.regression_steps}-step DDIM samples" if c.regression_weight else "")}

@@ -17,12 +17,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from ..config import RunConfig, opt
 from ..denoiser import TIMESTEP_SCALING, Denoiser, consistency_output
-from ..errors import require
+from ..errors import require, require_at_least
 from ..models import student_from_teacher
 from .base import DistillMethod
+from .regression import RegressionOptions, RegressionPool, regression_loss
 
 WEIGHTINGS = ("uniform", "sigma2", "dreamfusion")
 
@@ -92,7 +94,7 @@ def sds_gradient(x: torch.Tensor, teacher: Denoiser, cond, uncond, guidance_scal
 
 
 @dataclass
-class ScoreConfig:
+class ScoreConfig(RegressionOptions):
     """Options of score distillation (``--method sds`` and ``--method dmd``)."""
 
     guidance_scale: float = opt(2.0, "teacher classifier-free guidance in the real score (diffusers convention)")
@@ -102,17 +104,18 @@ class ScoreConfig:
     weighting: str = opt("dreamfusion", f"SDS weighting w(t): {', '.join(WEIGHTINGS)}")
     fake_learning_rate: float = opt(0.0, "DMD: learning rate of the fake score network (0: the generator's)")
     fake_updates: int = opt(1, "DMD: fake-score updates per generator update (DMD2 uses 5)")
-    regression_weight: float = opt(0.0, "DMD: weight of a regression loss to the teacher's ODE sample of the same noise")
-    regression_steps: int = opt(8, "DMD: teacher DDIM steps of the regression target")
+    gan_weight: float = opt(0.0, "DMD2: weight of the generator's GAN loss, from a classifier head on the fake score "
+                                 "network's mid-block features (0: off; needs images in the data)")
+    gan_disc_weight: float = opt(0.01, "DMD2: weight of the head's real/fake classification loss in the fake score "
+                                       "network's update")
 
     def __post_init__(self):
         require(self.guidance_scale >= 0, f"--guidance-scale must be >= 0, got {self.guidance_scale}")
         check_timestep_range(self.t_min, self.t_max, self.t_max_end)
         require(self.weighting in WEIGHTINGS, f"--weighting must be one of {', '.join(WEIGHTINGS)}, got {self.weighting!r}")
-        require(self.fake_learning_rate >= 0, f"--fake-learning-rate must be >= 0, got {self.fake_learning_rate}")
-        require(self.fake_updates >= 1, f"--fake-updates must be >= 1, got {self.fake_updates}")
-        require(self.regression_weight >= 0, f"--regression-weight must be >= 0, got {self.regression_weight}")
-        require(self.regression_steps >= 1, f"--regression-steps must be >= 1, got {self.regression_steps}")
+        require_at_least(self, 0, "fake_learning_rate", "gan_weight", "gan_disc_weight")
+        require_at_least(self, 1, "fake_updates")
+        super().__post_init__()
 
 
 def sample_timesteps(cfg, b: int, progress: float, device, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -131,12 +134,15 @@ def check_timestep_range(t_min: int, t_max: int, t_max_end: int) -> None:
 
 
 def dmd_gradient(x: torch.Tensor, teacher: Denoiser, fake: Denoiser, cond, uncond, cfg: ScoreConfig,
-                 t: torch.Tensor) -> torch.Tensor:
-    """DMD's distribution-matching gradient (x0_fake - x0_real) / mean|x - x0_real|, per sample."""
+                 t: torch.Tensor, x_t: torch.Tensor | None = None, fake_x0: torch.Tensor | None = None) -> torch.Tensor:
+    """DMD's distribution-matching gradient (x0_fake - x0_real) / mean|x - x0_real|, per sample.
+
+    ``x_t`` (x noised to t) and ``fake_x0`` (the fake network's x0 there) may be given when the caller
+    already ran the fake network on them (the GAN term does); they are used detached."""
     with torch.no_grad():
-        x_t = teacher.schedule.add_noise(x.detach(), torch.randn_like(x), t)
+        x_t = teacher.schedule.add_noise(x.detach(), torch.randn_like(x), t) if x_t is None else x_t.detach()
         real, _ = teacher.x0_eps(x_t, t, cond, uncond, guidance_scale=cfg.guidance_scale)
-        fake_x0, _ = fake.x0_eps(x_t, t, cond)
+        fake_x0 = fake.x0_eps(x_t, t, cond)[0] if fake_x0 is None else fake_x0.detach()
         norm = (x.detach() - real).abs().flatten(1).mean(1).clamp(min=1e-5)[:, None, None, None]
         return (fake_x0 - real) / norm
 
@@ -147,6 +153,27 @@ def fake_score_loss(fake: Denoiser, samples: torch.Tensor, cond: torch.Tensor, t
     x_t = fake.schedule.add_noise(samples.detach(), noise, t)
     _, eps = fake.x0_eps(x_t, t, cond)
     return ((eps.float() - noise.float()) ** 2).mean()
+
+
+class MidBlockTap:
+    """Keeps the latest mid-block output of a UNet: the features DMD2's GAN head classifies."""
+
+    def __init__(self, unet):
+        self.features: torch.Tensor | None = None
+        unet.mid_block.register_forward_hook(self._keep)
+
+    def _keep(self, module, inputs, output):
+        self.features = output[0] if isinstance(output, tuple) else output
+
+
+def gan_head_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    """Non-saturating GAN loss of the classifier: softplus(-D(real)) + softplus(D(fake)) (DMD2)."""
+    return F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
+
+
+def gan_generator_loss(fake_logits: torch.Tensor) -> torch.Tensor:
+    """The generator's side of it: softplus(-D(G(z)))."""
+    return F.softplus(-fake_logits).mean()
 
 
 class ScoreDistillation(DistillMethod):
@@ -171,20 +198,34 @@ class ScoreDistillation(DistillMethod):
         self.student = student_from_teacher(teacher.unet)
         if self.use_fake_score:
             self.fake = student_from_teacher(teacher.unet)
+        self.head = None
+        if self.use_fake_score and self.cfg.gan_weight > 0:
+            from .adversarial import FeatureHead
+
+            self.tap = MidBlockTap(self.fake)
+            text_dim = teacher.pipe.text_encoder.config.hidden_size
+            self.head = FeatureHead(self.fake.config.block_out_channels[-1], text_dim).to(teacher.unet.device)
+        self.pool = RegressionPool(self.cfg.regression_pairs, self.cfg.regression_batch_size)
 
     def trainable_modules(self):
         mods = {"generator": self.student}
         if self.fake is not None:
             mods["fake_score"] = self.fake
+        if self.head is not None:
+            mods["gan_head"] = self.head
         return mods
 
     def set_trainable_modules(self, modules) -> None:
         self.student = modules["generator"]
         self.fake = modules.get("fake_score")
+        self.head = modules.get("gan_head")
 
     def parameters(self, phase: str):
-        module = self.student if phase == "generator" else self.fake
-        return [p for p in module.parameters() if p.requires_grad]
+        if phase == "generator":
+            return [p for p in self.student.parameters() if p.requires_grad]
+        # the fake score network and the GAN head (when on) share the critic's optimiser
+        modules = [self.fake] + ([self.head] if self.head is not None else [])
+        return [p for m in modules for p in m.parameters() if p.requires_grad]
 
     def learning_rate(self, phase: str, default: float) -> float:
         if phase == "fake_score" and self.cfg.fake_learning_rate > 0:
@@ -195,6 +236,8 @@ class ScoreDistillation(DistillMethod):
         mods = {"student": self.student}
         if self.fake is not None:
             mods["fake_score"] = self.fake
+        if self.head is not None:
+            mods["gan_head"] = self.head
         return mods
 
     def _generator(self) -> OneStepUNetGenerator:
@@ -212,26 +255,78 @@ class ScoreDistillation(DistillMethod):
             with torch.no_grad():
                 samples = self._generator()(noise, cond)
             fake = Denoiser(self.fake, self.teacher.schedule, self.teacher.prediction_type)
-            loss = fake_score_loss(fake, samples, cond, t)
-            return loss, {"loss": loss.item()}
+            if self.head is None:
+                loss = fake_score_loss(fake, samples, cond, t)
+                return loss, {"loss": loss.item()}
+            return self._fake_score_and_head_loss(fake, samples, batch, cond, t)
         # Generator phase; the fake network is read without gradients and bypassing its DDP wrapper.
-        x = self._generator()(noise, cond)
+        reg = None
+        if self.cfg.regression_weight > 0:
+            reg = self.pool.top_up_and_sample(self.teacher, cond, uncond, self.cfg.guidance_scale,
+                                              self.cfg.regression_steps, self.cfg.regression_batch_size)
+            x_all = self._generator()(torch.cat([noise, reg[0]]), torch.cat([cond, reg[1]]))
+            x, x_reg = x_all[:b], x_all[b:]
+        else:
+            x = self._generator()(noise, cond)
+        gan = None
         if self.use_fake_score:
             fake_net = getattr(self.fake, "module", self.fake)
-            grad = dmd_gradient(x, teacher, Denoiser(fake_net, self.teacher.schedule, self.teacher.prediction_type),
-                                cond, uncond, self.cfg, t)
+            fake = Denoiser(fake_net, self.teacher.schedule, self.teacher.prediction_type)
+            x_t = fake_x0 = None
+            if self.head is not None:
+                x_t = self.teacher.schedule.add_noise(x, torch.randn_like(x), t)
+                fake_x0, gan = self._generator_gan_loss(fake, x_t, t, cond)
+            grad = dmd_gradient(x, teacher, fake, cond, uncond, self.cfg, t, x_t=x_t, fake_x0=fake_x0)
         else:
             grad = sds_gradient(x, teacher, cond, uncond, self.cfg.guidance_scale, t, torch.randn_like(x),
                                 self.cfg.weighting)
         loss = inject_gradient(x, grad) / b
         logs = {"grad_norm": grad.flatten(1).norm(dim=1).mean().item()}
-        if self.cfg.regression_weight > 0:
-            target = self.teacher.sample(cond, uncond, self.cfg.guidance_scale, self.cfg.regression_steps, noise)
-            reg = ((x.float() - target.float()) ** 2).mean()
-            loss = loss + self.cfg.regression_weight * reg
-            logs["regression"] = reg.item()
+        if gan is not None:
+            loss = loss + self.cfg.gan_weight * gan
+            logs["gan"] = gan.item()
+        if reg is not None:
+            r = regression_loss(x_reg, reg[2])
+            loss = loss + self.cfg.regression_weight * r
+            logs["regression"] = r.item()
+            logs["regression_pairs"] = float(len(self.pool))
         logs["loss"] = loss.item()
         return loss, logs
+
+    def _fake_score_and_head_loss(self, fake: Denoiser, samples: torch.Tensor, batch: dict, cond, t):
+        """DMD2's critic update: the fake network's denoising loss on generator samples plus the head's
+        real/fake classification of its mid-block features, in one batched pass (one DDP forward)."""
+        real = self.teacher.encode_batch(batch, f"--method {self.name} with --gan-weight > 0")["latents"]
+        b = samples.shape[0]
+        noise = torch.randn_like(samples)
+        x_t = torch.cat([fake.schedule.add_noise(samples.detach(), noise, t),
+                         fake.schedule.add_noise(real, torch.randn_like(real), t)])
+        _, eps = fake.x0_eps(x_t, torch.cat([t, t]), torch.cat([cond, cond]))
+        denoise = ((eps[:b].float() - noise.float()) ** 2).mean()
+        logits = self.head(self.tap.features, torch.cat([cond, cond]).mean(1))
+        head = gan_head_loss(logits[b:], logits[:b])
+        loss = denoise + self.cfg.gan_disc_weight * head
+        return loss, {"loss": loss.item(), "denoise": denoise.item(), "gan_head": head.item(),
+                      "d_real": logits[b:].mean().item(), "d_fake": logits[:b].mean().item()}
+
+    def _generator_gan_loss(self, fake: Denoiser, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor):
+        """(fake network's x0 at x_t, generator GAN loss): the graph runs through the frozen critic to x_t.
+
+        The critic's parameters are switched off while its graph is built, so the generator's backward
+        leaves no gradients on them (and the DDP wrappers are bypassed)."""
+        head = getattr(self.head, "module", self.head)
+        critic = [fake.unet, head]
+        flags = [[p.requires_grad for p in m.parameters()] for m in critic]
+        for m in critic:
+            m.requires_grad_(False)
+        try:
+            fake_x0, _ = fake.x0_eps(x_t, t, cond)
+            gan = gan_generator_loss(head(self.tap.features, cond.mean(1)))
+        finally:
+            for m, fl in zip(critic, flags):
+                for p, f in zip(m.parameters(), fl):
+                    p.requires_grad_(f)
+        return fake_x0, gan
 
     def max_sampling_steps(self) -> int:
         return 1
@@ -250,8 +345,12 @@ class ScoreDistillation(DistillMethod):
              "teacher guidance": c.guidance_scale, "timesteps": f"[{c.t_min}, {c.t_max}]"}
         if self.use_fake_score:
             d["update"] = f"distribution matching, fake score updated {c.fake_updates}x per generator step"
+            if c.gan_weight:
+                d["gan"] = (f"generator weight {c.gan_weight}, classifier head on the fake score network's mid-block "
+                            f"features (weight {c.gan_disc_weight} in its update)")
             if c.regression_weight:
-                d["regression"] = f"weight {c.regression_weight}, teacher {c.regression_steps}-step DDIM targets"
+                d["regression"] = (f"weight {c.regression_weight}, {c.regression_pairs} pairs of noise and the "
+                                   f"teacher's {c.regression_steps}-step DDIM sample")
         else:
             d["update"] = f"SDS, weighting {c.weighting}"
         return d
