@@ -228,3 +228,11 @@ def scheduler_prediction_type(scheduler) -> str:
     if pt not in PREDICTION_TYPES:
         raise ValueError(f"unsupported prediction_type {pt!r}; expected one of {PREDICTION_TYPES}")
     return pt
+
+
+def one_step_sample(denoiser: Denoiser, noise: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    """A one-step student's sample: pure noise at t = T - 1 -> f = c_skip z + c_out x0_hat, the map the
+    exported LCMScheduler preset applies in one step (DMD/SDS generators, ADD's 1-step path)."""
+    t = torch.full((noise.shape[0],), denoiser.schedule.num_train_timesteps - 1, device=noise.device)
+    x0, _ = denoiser.x0_eps(noise, t, cond)
+    return consistency_output(noise, x0, t, TIMESTEP_SCALING)

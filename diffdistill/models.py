@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from dataclasses import dataclass, field
@@ -31,6 +32,24 @@ def check_teacher_folder(path: str | Path) -> dict:
             f"teacher {path} is a {cls or 'unknown'} pipeline; supported: {', '.join(SUPPORTED_PIPELINES)}")
     return info
 
+
+
+@contextlib.contextmanager
+def frozen(*modules: torch.nn.Module):
+    """Parameters of ``modules`` do not require grad inside the block, and get their flags back after.
+
+    A graph built inside still carries gradients *through* the modules (to their inputs) but records
+    none *for* their parameters, so a later backward leaves them untouched: a generator's loss read
+    through its critic."""
+    params = [p for m in modules for p in m.parameters()]
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, f in zip(params, flags):
+            p.requires_grad_(f)
 
 @dataclass
 class Teacher:

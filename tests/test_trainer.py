@@ -208,3 +208,19 @@ def test_max_train_minutes_ends_the_run_early_with_a_final_checkpoint(tiny_sd, t
     (tmp_path / "full").mkdir()
     full = _trainer(tiny_sd, tmp_path / "full", max_train_steps=2, checkpointing_steps=0).fit()
     assert (full.steps, full.stopped_by) == (2, "max_train_steps")
+
+
+def test_frozen_carries_gradients_through_a_module_but_not_into_it():
+    """A loss built inside ``frozen(m)`` back-propagates to m's input only; m's flags come back as they were."""
+    from diffdistill.models import frozen
+
+    m = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 1))
+    m[1].bias.requires_grad_(False)  # a flag that was off stays off
+    x = torch.randn(2, 3, requires_grad=True)
+    with frozen(m):
+        loss = m(x).sum()
+        assert not any(p.requires_grad for p in m.parameters())
+    loss.backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert all(p.grad is None for p in m.parameters())
+    assert [p.requires_grad for p in m.parameters()] == [True, True, True, False]

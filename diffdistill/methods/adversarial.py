@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 
 from ..config import RunConfig, opt
-from ..denoiser import TIMESTEP_SCALING, Denoiser, consistency_output
+from ..denoiser import TIMESTEP_SCALING, Denoiser, consistency_output, one_step_sample
 from ..errors import UserError, require
-from ..models import student_from_teacher
+from ..models import frozen, student_from_teacher
 from .base import DistillMethod
 from .regression import RegressionOptions, RegressionPool, regression_loss
 
@@ -250,10 +250,7 @@ def generator_loss(student: Denoiser, teacher: Denoiser, features, disc, batch: 
         logs["g_distill"] = dist.item()
     if cfg.regression_weight > 0 and "reg_noise" in batch:
         # The one-step path from pure noise (t = T - 1), pulled to the teacher's ODE sample of that noise.
-        noise = batch["reg_noise"]
-        s = torch.full((noise.shape[0],), teacher.schedule.num_train_timesteps - 1, device=noise.device)
-        x0, _ = student.x0_eps(noise, s, batch["reg_cond"])
-        reg = regression_loss(consistency_output(noise, x0, s, TIMESTEP_SCALING), batch["reg_target"],
+        reg = regression_loss(one_step_sample(student, batch["reg_noise"], batch["reg_cond"]), batch["reg_target"],
                               per_element=True)
         loss = loss + cfg.regression_weight * reg
         logs["g_regression"] = reg.item()
@@ -368,11 +365,8 @@ class AdversarialDistillation(DistillMethod):
             # The generator's loss must not put gradients on the heads: freeze them, and bypass the
             # DDP wrapper (its reducer would wait for gradients that never come).
             heads = getattr(self.disc, "module", self.disc)
-            heads.requires_grad_(False)
-            try:
+            with frozen(heads):
                 return generator_loss(student, teacher, self.features, heads, prepared, self.grid, self.cfg)
-            finally:
-                heads.requires_grad_(True)
         return discriminator_loss(student, teacher, self.features, self.disc, prepared, self.grid, self.cfg)
 
     def max_sampling_steps(self) -> int:

@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from ..config import RunConfig, opt
-from ..denoiser import TIMESTEP_SCALING, Denoiser, consistency_output
+from ..denoiser import TIMESTEP_SCALING, Denoiser, one_step_sample
 from ..errors import require, require_at_least
-from ..models import student_from_teacher
+from ..models import frozen, student_from_teacher
 from .base import DistillMethod
 from .regression import RegressionOptions, RegressionPool, regression_loss
 
@@ -58,12 +58,9 @@ class OneStepUNetGenerator(DifferentiableGenerator):
         super().__init__()
         self.unet = unet
         self.denoiser = Denoiser(unet, schedule, prediction_type)
-        self.t_start = schedule.num_train_timesteps - 1
 
     def forward(self, noise: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        t = torch.full((noise.shape[0],), self.t_start, device=noise.device)
-        x0, _ = self.denoiser.x0_eps(noise, t, cond)
-        return consistency_output(noise, x0, t, TIMESTEP_SCALING)
+        return one_step_sample(self.denoiser, noise, cond)
 
 
 def sds_weight(schedule, t: torch.Tensor, like: torch.Tensor, weighting: str) -> torch.Tensor:
@@ -315,17 +312,9 @@ class ScoreDistillation(DistillMethod):
         The critic's parameters are switched off while its graph is built, so the generator's backward
         leaves no gradients on them (and the DDP wrappers are bypassed)."""
         head = getattr(self.head, "module", self.head)
-        critic = [fake.unet, head]
-        flags = [[p.requires_grad for p in m.parameters()] for m in critic]
-        for m in critic:
-            m.requires_grad_(False)
-        try:
+        with frozen(fake.unet, head):
             fake_x0, _ = fake.x0_eps(x_t, t, cond)
             gan = gan_generator_loss(head(self.tap.features, cond.mean(1)))
-        finally:
-            for m, fl in zip(critic, flags):
-                for p, f in zip(m.parameters(), fl):
-                    p.requires_grad_(f)
         return fake_x0, gan
 
     def max_sampling_steps(self) -> int:
