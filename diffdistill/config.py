@@ -59,7 +59,9 @@ class TrainConfig:
     resume_from_checkpoint: str = opt("", "'latest' or a checkpoint folder to resume from ('' starts fresh)")
     validation_steps: int = opt(250, "save a sample grid PNG every N steps (0: only at the end)")
     log_every: int = opt(10, "write a log row every N steps")
-    student_ema_decay: float = opt(0.0, "keep an EMA of the student for export with this decay (0: off)")
+    student_ema_decay: float = opt(0.0, "keep an EMA of the student for export with this decay (0: off); "
+                                       "diffusers' EMAModel warms up: the decay at step n is min(this, n / (n + 9)), "
+                                       "so 0.999 is reached only after about 9,000 steps")
     report_to: str = opt("csv", "where logs go: csv, tensorboard, or csv,tensorboard")
 
     def __post_init__(self):
