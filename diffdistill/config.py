@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from .errors import UserError, require
+from .errors import UserError, require, require_at_least
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
@@ -67,12 +67,10 @@ class TrainConfig:
     def __post_init__(self):
         for name in ("max_train_steps", "batch_size", "gradient_accumulation_steps", "log_every"):
             require(getattr(self, name) > 0, f"{_flag(name)} must be > 0, got {getattr(self, name)}")
-        for name in ("lr_warmup_steps", "checkpointing_steps", "checkpoints_total_limit", "validation_steps"):
-            require(getattr(self, name) >= 0, f"{_flag(name)} must be >= 0, got {getattr(self, name)}")
-        require(self.max_train_minutes >= 0, f"--max-train-minutes must be >= 0, got {self.max_train_minutes}")
+        require_at_least(self, 0, "lr_warmup_steps", "checkpointing_steps", "checkpoints_total_limit", "validation_steps",
+                         "max_train_minutes")
         require(self.learning_rate > 0, f"--learning-rate must be > 0, got {self.learning_rate}")
-        require(self.max_grad_norm >= 0, f"--max-grad-norm must be >= 0, got {self.max_grad_norm}")
-        require(self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}")
+        require_at_least(self, 0, "max_grad_norm", "weight_decay")
         require(0 <= self.student_ema_decay < 1, f"--student-ema-decay must be in [0, 1), got {self.student_ema_decay}")
         require(self.mixed_precision in MIXED_PRECISION,
                 f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}")

@@ -33,7 +33,6 @@ def check_teacher_folder(path: str | Path) -> dict:
     return info
 
 
-
 @contextlib.contextmanager
 def frozen(*modules: torch.nn.Module):
     """Parameters of ``modules`` do not require grad inside the block, and get their flags back after.
@@ -50,6 +49,7 @@ def frozen(*modules: torch.nn.Module):
     finally:
         for p, f in zip(params, flags):
             p.requires_grad_(f)
+
 
 @dataclass
 class Teacher:

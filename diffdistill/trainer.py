@@ -138,6 +138,11 @@ def load_state_modules(path: Path, modules: dict[str, torch.nn.Module], unwrap=l
             require(not missing, f"checkpoint {path}: {f.name} is missing keys {missing[:3]}")
 
 
+def save_ema_weights(params: list[torch.Tensor], file: Path) -> None:
+    """Write student-EMA weights as a checkpoint's ``ema.safetensors`` (the layout ``load_ema_into`` reads)."""
+    save_file({f"shadow_{i}": p.detach().cpu().contiguous() for i, p in enumerate(params)}, str(file))
+
+
 def load_ema_into(path: Path, params: list[torch.nn.Parameter]) -> bool:
     """Copy a checkpoint's student-EMA weights into ``params``; False when it has none."""
     f = path / "ema.safetensors"
@@ -268,8 +273,7 @@ class Trainer:
                 sd = {k: v for k, v in self.lr_schedulers[phase].state_dict().items() if k != "lr_lambdas"}
                 (tmp / f"lr_scheduler_{phase}.json").write_text(json.dumps(sd))
             if self.ema is not None:
-                save_file({f"shadow_{i}": p.detach().cpu().contiguous() for i, p in enumerate(self.ema.shadow_params)},
-                          str(tmp / "ema.safetensors"))
+                save_ema_weights(self.ema.shadow_params, tmp / "ema.safetensors")
                 (tmp / "ema.json").write_text(json.dumps({"optimization_step": self.ema.optimization_step}))
             state = {"step": self.step, "batches_seen": self.batches_seen, "method": self.method.name,
                      "num_processes": acc.num_processes, "modules": meta}

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from ..config import RunConfig, opt
 from ..denoiser import TIMESTEP_SCALING, Denoiser, consistency_output, one_step_sample
-from ..errors import UserError, require
+from ..errors import UserError, require, require_at_least
 from ..models import frozen, student_from_teacher
 from .base import DistillMethod
 from .regression import RegressionOptions, RegressionPool, regression_loss
@@ -55,8 +55,7 @@ class AdversarialConfig(RegressionOptions):
 
     def __post_init__(self):
         require(self.student_timesteps > 0, f"--student-timesteps must be > 0, got {self.student_timesteps}")
-        for name in ("adv_weight", "distill_weight", "r1_weight", "disc_learning_rate", "guidance_scale"):
-            require(getattr(self, name) >= 0, f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        require_at_least(self, 0, "adv_weight", "distill_weight", "r1_weight", "disc_learning_rate", "guidance_scale")
         require(self.adv_weight + self.distill_weight > 0, "--adv-weight and --distill-weight cannot both be 0")
         require(0 <= self.disc_t_min <= self.disc_t_max, f"need 0 <= --disc-t-min <= --disc-t-max, got "
                                                          f"{self.disc_t_min}, {self.disc_t_max}")

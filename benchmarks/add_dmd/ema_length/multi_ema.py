@@ -14,15 +14,12 @@ from pathlib import Path
 
 import diffusers.training_utils as training_utils
 import torch
-from safetensors.torch import save_file
+
+from diffdistill.trainer import save_ema_weights
 
 DECAYS = [float(d) for d in os.environ.get("EXTRA_EMA", "0.99,0.995,0.997,0.998").split(",") if d]
 SAVE_AT = {int(s) for s in os.environ.get("SNAP_AT", "800,1000,1200").split(",") if s}
 OUT = Path(os.environ["SNAP_DIR"])
-
-
-def _save(params, path: Path) -> None:
-    save_file({f"shadow_{i}": p.detach().cpu().contiguous() for i, p in enumerate(params)}, str(path))
 
 
 class MultiEMA(training_utils.EMAModel):
@@ -43,9 +40,9 @@ class MultiEMA(training_utils.EMAModel):
         if n in SAVE_AT:
             OUT.mkdir(parents=True, exist_ok=True)
             for decay, shadow in self.extra.items():
-                _save(shadow, OUT / f"{decay}_{n}.safetensors")
-            _save(self.shadow_params, OUT / f"main_{n}.safetensors")
-            _save(parameters, OUT / f"raw_{n}.safetensors")
+                save_ema_weights(shadow, OUT / f"{decay}_{n}.safetensors")
+            save_ema_weights(self.shadow_params, OUT / f"main_{n}.safetensors")
+            save_ema_weights(parameters, OUT / f"raw_{n}.safetensors")
 
 
 training_utils.EMAModel = MultiEMA
