@@ -3,7 +3,8 @@
 
 Students are benchmarked with their own scheduler preset and the teacher with its training-free
 solvers, in separate ``bench`` runs; this puts them side by side. It refuses reports whose samples are
-not comparable (different sample counts, seeds, prompts, reference or feature extractor).
+not comparable (different sample counts, seeds, prompts, reference, feature extractor or intervals); v2
+reports share one real-data floor (the first report's) and keep their comparisons.
 
     python benchmarks/combine.py --output benchmarks/lcm --title "LCM on digits-SD" \
         benchmarks/teacher/report.json runs/lcm/bench/report.json
@@ -18,10 +19,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from diffdistill.eval.bench import plot_report, report_markdown_table  # noqa: E402
+from diffdistill.eval.report import comparisons_markdown, plot_report, report_markdown_table  # noqa: E402
 
 MUST_MATCH = (("config", "num_samples"), ("config", "seed"), ("prompts", "source"), ("reference", "name"),
-              ("feature_extractor",))
+              ("feature_extractor",), ("intervals", "confidence"), ("intervals", "bootstrap"), ("real_floor", "mode"))
 
 
 def _get(report: dict, path: tuple[str, ...]):
@@ -46,6 +47,7 @@ def combine(reports: list[dict], labels: list[str] | None = None) -> dict:
                 line["label"] = labels[i]
             merged["lines"].append(line)
     merged["prompt_accuracy"] = all(r.get("prompt_accuracy") for r in reports)
+    merged["comparisons"] = [c for r in reports for c in r.get("comparisons") or []]
     return merged
 
 
@@ -73,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
              f"for every line), FID/KID/IS with the `{merged['feature_extractor']}` feature extractor against "
              f"{merged['reference']['name']}; {env['device_name']}, {env['torch_threads']} torch threads. Sources: "
              + ", ".join(f"`{r}`" for r in args.reports) + ".", "", report_markdown_table(merged), "",
-             "![FID and latency against steps](fid_vs_steps.png)", ""]
+             comparisons_markdown(merged), "![FID and latency against steps](fid_vs_steps.png)", ""]
     (args.output / "report.md").write_text("\n".join(text))
     print((args.output / "report.md").read_text())
     return 0

@@ -32,6 +32,18 @@ def tiny_sd_v(tmp_path_factory):
     return _save_tiny(tmp_path_factory.mktemp("tiny-sd-v") / "pipe", prediction_type="v_prediction")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny torch and BLAS ops on 2 cores shared with other jobs run far faster single-threaded (no spin-waits)."""
+    from threadpoolctl import threadpool_limits  # ships with scikit-learn
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with threadpool_limits(limits=1):
+        yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_accelerate_state():
     """accelerate keeps one process-wide state; tests that change mixed precision need a fresh one."""

@@ -54,21 +54,21 @@ echo "training wall s: $(( $(date +%s) - t0 ))" >> "$W/status.txt"
 t1=$(date +%s)
 if [ "$SET" = lcm ]; then
   bench lcm_ema --steps 1,2,4,8 --guidance 1.5,7.5 "$W/lcm_ema_b256/pipeline" "$W/lcm_ema_b64/pipeline" \
-    --label lcm_ema_b256 --label lcm_ema_b64 &
+    --labels lcm_ema_b256,lcm_ema_b64 &
   wait
   python benchmarks/gpu_long/collect.py "$W" "$OUT" lcm_ema_b256 lcm_ema_b64
   exit
 fi
 bench teacher assets/digits-sd --steps 1,2,4,8,50 --guidance 1.5 \
-  --scheduler "ddim:timestep_spacing=trailing,dpmsolver++:timestep_spacing=trailing" &
-bench lcm --steps 1,2,4,8 --guidance 1.5 "$W/lcm_w1-8/pipeline" "$W/lcm_w1-3/pipeline" --label lcm_w1-8 --label lcm_w1-3 &
-bench lcm_lora --steps 1,2,4,8 --guidance 1 "$W/lcm_lora/pipeline" --label lcm_lora &
+  --schedulers "ddim:timestep_spacing=trailing,dpmsolver++:timestep_spacing=trailing" &
+bench lcm --steps 1,2,4,8 --guidance 1.5 "$W/lcm_w1-8/pipeline" "$W/lcm_w1-3/pipeline" --labels lcm_w1-8,lcm_w1-3 &
+bench lcm_lora --steps 1,2,4,8 --guidance 1 "$W/lcm_lora/pipeline" --labels lcm_lora &
 prog=(); labels=()
-for d in "$W"/progressive/stages/*_steps; do [ -d "$d" ] && prog+=("$d") && labels+=(--label "$(basename "$d")"); done
-[ ${#prog[@]} -gt 0 ] && bench progressive --steps 1,2,4,8 --guidance 1.5 "${prog[@]}" "${labels[@]}" &
-bench add --steps 1,2,4 --guidance 1 "$W/add/pipeline" "$W/add_ema/pipeline" --label add --label add_ema &
+for d in "$W"/progressive/stages/*_steps; do [ -d "$d" ] && prog+=("$d") && labels+=("$(basename "$d")"); done
+[ ${#prog[@]} -gt 0 ] && bench progressive --steps 1,2,4,8 --guidance 1.5 "${prog[@]}" --labels "$(IFS=,; echo "${labels[*]}")" &
+bench add --steps 1,2,4 --guidance 1 "$W/add/pipeline" "$W/add_ema/pipeline" --labels add,add_ema &
 bench dmd --steps 1 --guidance 1 "$W/dmd/pipeline" "$W/dmd_ema_reg/pipeline" "$W/sds/pipeline" \
-  --label dmd --label dmd_ema_reg --label sds &
+  --labels dmd,dmd_ema_reg,sds &
 smoke &
 wait
 echo "bench wall s: $(( $(date +%s) - t1 ))" >> "$W/status.txt"

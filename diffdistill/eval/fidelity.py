@@ -12,29 +12,40 @@ steering around its known traps:
   ``cache_dir`` is given, and then the key carries hashes of the reference images and the weights file;
 - generated images go in as in-memory ``Dataset`` objects, never as generator models (that path crashes
   for class-conditional models under numpy 2) and without DataLoader worker processes;
-- ``inception-v3-compat`` would silently try to download its weights; here it needs a local file.
+- ``inception-v3-compat`` would silently try to download its weights; here it needs a local file, and
+  since torch-fidelity reads that file with ``torch.load(weights_only=False)`` (which runs any pickle),
+  the file is read here with ``weights_only=True`` (or as safetensors) and torch-fidelity gets tensors only
+  (:class:`SafeInceptionV3`, registered as ``inception-v3-compat-local``).
+
+:func:`extract_features` runs an extractor once over a set of images; the bench computes every metric and
+every interval from those features (:mod:`diffdistill.eval.metrics`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import os
+import pickle
 import warnings
 from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 
-from diffdistill.digits import digits_uint8, load_digits_32
+from diffdistill.digits import digits_uint8, load_digits_8x8, load_digits_32
 from diffdistill.errors import UserError, require
 from diffdistill.eval.digits_classifier import load_digits_classifier, resolve_classifier_files
 
 DIGITS_EXTRACTOR = "digits-classifier"
 INCEPTION_EXTRACTOR = "inception-v3-compat"
 FEATURE_EXTRACTORS = (DIGITS_EXTRACTOR, INCEPTION_EXTRACTOR)
+# What torch-fidelity is asked for: inception-v3-compat goes through the pickle-free subclass below.
+SAFE_INCEPTION_EXTRACTOR = "inception-v3-compat-local"
 # torch-fidelity's Inception weights file name (what torch.hub would have downloaded into its cache).
 INCEPTION_WEIGHTS_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
 DIGITS_REFERENCE = "digits"
@@ -88,13 +99,68 @@ class DigitsClassifierFeatureExtractor(FeatureExtractorBase):
         return tuple(out[name] for name in self.features_list)
 
 
+def load_inception_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Inception weights as a plain tensor dict: safetensors, or ``torch.load(weights_only=True)`` (no code runs).
+
+    A pickle that needs anything but tensors and containers (e.g. one crafted to run code) is a one-line
+    UserError: it is never unpickled with arbitrary globals.
+    """
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError) as e:
+            raise UserError(f"--inception-weights {path}: not a readable safetensors file ({_first_line(e)})") from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError, TypeError) as e:
+        raise UserError(f"--inception-weights {path}: not a plain tensor state dict; refusing to unpickle it "
+                        f"with arbitrary code ({type(e).__name__}: {_first_line(e)[:160]})") from None
+    require(isinstance(state, dict) and all(torch.is_tensor(v) for v in state.values()),
+            f"--inception-weights {path}: expected a dict of tensors, got {type(state).__name__}")
+    return state
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+class SafeInceptionV3(FeatureExtractorInceptionV3):
+    """torch-fidelity's Inception-v3 (same layers and features) whose weights never pass through a pickle.
+
+    The parent reads ``feature_extractor_weights_path`` with ``torch.load(weights_only=False)``; here the
+    file is read by :func:`load_inception_state_dict` and the parent gets the tensors re-serialised in
+    memory, so the only pickle it ever opens is one this process wrote from plain tensors.
+    """
+
+    def __init__(self, name: str, features_list: list[str], feature_extractor_weights_path: str | None = None,
+                 **kwargs):
+        require(feature_extractor_weights_path is not None,
+                f"{INCEPTION_EXTRACTOR} needs a local weights file (--inception-weights); nothing is downloaded")
+        buffer = io.BytesIO()
+        torch.save(load_inception_state_dict(feature_extractor_weights_path), buffer)
+        buffer.seek(0)
+        super().__init__(name, features_list, feature_extractor_weights_path=buffer, **kwargs)
+
+
 def register_digits_feature_extractor() -> None:
-    """Register ``digits-classifier`` with torch-fidelity (idempotent: the registry refuses duplicates)."""
+    """Register ``digits-classifier`` and the pickle-free Inception with torch-fidelity (idempotent)."""
     if DIGITS_EXTRACTOR not in FEATURE_EXTRACTORS_REGISTRY:
         register_feature_extractor(DIGITS_EXTRACTOR, DigitsClassifierFeatureExtractor)
+    if SAFE_INCEPTION_EXTRACTOR not in FEATURE_EXTRACTORS_REGISTRY:
+        register_feature_extractor(SAFE_INCEPTION_EXTRACTOR, SafeInceptionV3)
 
 
 register_digits_feature_extractor()
+
+
+def registered_name(feature_extractor: str) -> str:
+    """The torch-fidelity registry name behind a user-facing extractor name."""
+    return SAFE_INCEPTION_EXTRACTOR if feature_extractor == INCEPTION_EXTRACTOR else feature_extractor
 
 
 class ImageTensorDataset(Dataset):
@@ -151,6 +217,13 @@ def load_reference(reference: str | Path | torch.Tensor) -> torch.Tensor:
     if str(reference) == DIGITS_REFERENCE:
         return digits_uint8(load_digits_32()[0])
     return check_uint8_images(load_image_folder(reference), f"reference folder {reference}")
+
+
+def reference_size(reference: str | Path) -> int:
+    """How many images ``"digits"`` or a reference folder holds (without loading them)."""
+    if str(reference) == DIGITS_REFERENCE:
+        return int(load_digits_8x8()[0].shape[0])
+    return len(list_image_files(reference))
 
 
 def default_inception_weights() -> Path:
@@ -250,7 +323,7 @@ def compute_metrics(
         input2=ImageTensorDataset(reference),
         cuda=use_cuda,
         isc=True, fid=True, kid=True,
-        feature_extractor=feature_extractor,
+        feature_extractor=registered_name(feature_extractor),
         feature_extractor_weights_path=str(weights),
         batch_size=batch_size,
         kid_subset_size=min(kid_subset_size, n_gen, n_ref),
@@ -274,11 +347,61 @@ def compute_metrics(
     }
 
 
+_EXTRACTORS: dict[tuple[str, str, str], FeatureExtractorBase] = {}
+
+
+def feature_layers(feature_extractor: str) -> tuple[str, str]:
+    """(layer for FID/KID/PRC, layer for IS) of a user-facing extractor name, as torch-fidelity picks them."""
+    cls = FEATURE_EXTRACTORS_REGISTRY[registered_name(feature_extractor)]
+    return cls.get_default_feature_layer_for_metric("fid"), cls.get_default_feature_layer_for_metric("isc")
+
+
+def feature_dim(feature_extractor: str, classifier_path: str | Path | None = None) -> int:
+    """Dimension of the FID features: the classifier's ``feature_dim`` (64 shipped) or Inception's 2048."""
+    if feature_extractor == INCEPTION_EXTRACTOR:
+        return 2048
+    return int(load_digits_classifier(classifier_path).config["feature_dim"])
+
+
+def extractor_weights(feature_extractor: str, inception_weights: str | Path | None,
+                      classifier_path: str | Path | None) -> Path:
+    """The weights file behind an extractor (what its features depend on; part of every cache key)."""
+    if feature_extractor == INCEPTION_EXTRACTOR:
+        return resolve_inception_weights(inception_weights)
+    return resolve_classifier_files(classifier_path)[0]
+
+
 @torch.no_grad()
-def prompt_accuracy(images: torch.Tensor, labels: torch.Tensor, classifier_path: str | Path | None = None,
-                    device: str | torch.device = "cpu") -> float:
-    """Fraction of uint8 (N, 3, H, W) ``images`` the digits classifier reads as ``labels`` (N,)."""
-    require(images.shape[0] == labels.shape[0], f"{images.shape[0]} images but {labels.shape[0]} labels")
+def extract_features(images: torch.Tensor, feature_extractor: str, weights: str | Path,
+                     device: str | torch.device = "cpu", batch_size: int = 64) -> dict[str, torch.Tensor]:
+    """One pass of a torch-fidelity extractor over uint8 (N, 3, H, W) images.
+
+    Returns ``{"features": (N, D) float32 for FID/KID/PRC, "logits": (N, C) for IS}`` on the CPU, through
+    torch-fidelity's own ``create_feature_extractor`` / ``get_featuresdict_from_dataset``. The extractor
+    is built once per (name, weights, device) and process.
+    """
+    from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
+
+    images = check_uint8_images(images, "images")
+    dev = torch.device(device)
+    use_cuda = dev.type == "cuda" and torch.cuda.is_available()
+    fid_layer, isc_layer = feature_layers(feature_extractor)
+    key = (feature_extractor, str(weights), str(dev))
+    if key not in _EXTRACTORS:
+        _EXTRACTORS.clear()  # one extractor at a time: Inception is 100 MB
+        with torch.cuda.device(dev) if use_cuda else contextlib.nullcontext():
+            _EXTRACTORS[key] = create_feature_extractor(
+                registered_name(feature_extractor), [fid_layer, isc_layer], cuda=use_cuda,
+                feature_extractor_weights_path=str(weights), verbose=False)
+    with torch.cuda.device(dev) if use_cuda else contextlib.nullcontext():
+        out = get_featuresdict_from_dataset(ImageTensorDataset(images), _EXTRACTORS[key], batch_size, use_cuda,
+                                            save_cpu_ram=True, verbose=False)
+    return {"features": out[fid_layer].float().contiguous(), "logits": out[isc_layer].float().contiguous()}
+
+
+@torch.no_grad()
+def classifier_predictions(images: torch.Tensor, classifier_path: str | Path | None = None,
+                           device: str | torch.device = "cpu") -> torch.Tensor:
+    """(N,) digits the classifier reads in uint8 (N, 3, H, W) ``images``."""
     clf = load_digits_classifier(classifier_path, device=device)
-    pred = clf.predict(images.to(device).float() / 255.0).cpu()
-    return float((pred == labels.cpu()).double().mean())
+    return clf.predict(images.to(device).float() / 255.0).cpu()

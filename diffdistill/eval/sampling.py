@@ -1,0 +1,239 @@
+"""Sampling and measurement for ``diffdistill bench``: load a pipeline, swap its scheduler, sample a cell
+exactly as plain diffusers does, and time it, count its denoiser calls and measure its peak memory.
+
+Image i of every cell uses ``torch.Generator().manual_seed(seed + i)`` and prompt i, at every step count
+and for every pipeline: that shared noise is what makes comparisons between cells paired.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import re
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diffdistill.errors import UserError
+from diffdistill.eval.config import SCHEDULERS, parse_scheduler_spec
+from diffdistill.loading import quiet_loading
+
+GRID_COLUMNS = 10  # one column per digit prompt
+GRID_ROWS = 10
+GRID_MIN_CELL = 64  # nearest-upscale smaller samples so 32x32 digits are visible in the grid
+GRID_MAX_CELL = 256
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Measurement helpers
+# ----------------------------------------------------------------------------------------------------------
+
+def _resident_bytes() -> int | None:
+    """Current resident set size of this process (Linux /proc), or None where unavailable."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _maxrss_bytes() -> int:
+    """Lifetime peak RSS of the process from getrusage (kilobytes on Linux, bytes on macOS)."""
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss) if platform.system() == "Darwin" else int(rss) * 1024
+
+
+class PeakMemory:
+    """Peak memory while the ``with`` block runs.
+
+    CUDA: ``torch.cuda.max_memory_allocated`` after resetting the peak (tensors only, weights included).
+    CPU: the process's resident set size polled every 5 ms from /proc/self/statm (weights, activations and
+    allocator slack included); where /proc is missing, getrusage's lifetime ``ru_maxrss``.
+    """
+
+    POLL_SECONDS = 0.005
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.baseline = 0
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def method(self) -> str:
+        """One line naming what ``peak`` measures (goes into the report)."""
+        if self.device.type == "cuda":
+            return "torch.cuda.max_memory_allocated during sampling (weights included)"
+        if _resident_bytes() is not None:
+            return "peak process RSS during sampling, polled every 5 ms from /proc/self/statm (weights included)"
+        return "process lifetime peak RSS (resource.getrusage ru_maxrss; weights included)"
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.POLL_SECONDS):
+            self.peak = max(self.peak, _resident_bytes() or 0)
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.baseline = torch.cuda.memory_allocated(self.device)
+        elif _resident_bytes() is not None:
+            self.baseline = self.peak = _resident_bytes() or 0
+            self._thread = threading.Thread(target=self._poll, daemon=True)
+            self._thread.start()
+        else:
+            self.baseline = _maxrss_bytes()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        elif self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, _resident_bytes() or 0)
+        else:
+            self.peak = _maxrss_bytes()
+
+
+def load_pipeline(folder: str, device: torch.device, dtype: torch.dtype):
+    """``DiffusionPipeline.from_pretrained(folder)`` moved to ``device``; load failures become UserErrors."""
+    from diffusers import DiffusionPipeline
+
+    # float32 is from_pretrained's default; only half precision needs the (renamed in 0.36+) dtype argument.
+    kwargs = {} if dtype == torch.float32 else {"torch_dtype": dtype}
+    try:
+        with quiet_loading(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch_dtype.*is deprecated", category=FutureWarning)
+            pipe = DiffusionPipeline.from_pretrained(folder, **kwargs)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise UserError(f"could not load a diffusers pipeline from {folder}: {type(e).__name__}: {first_line}") from None
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def load_scheduler(folder: str):
+    """The folder's own scheduler (``scheduler/scheduler_config.json``), without loading any weights."""
+    import diffusers
+
+    path = Path(folder) / "scheduler"
+    try:
+        cls_name = json.loads((path / "scheduler_config.json").read_text())["_class_name"]
+        return getattr(diffusers, cls_name).from_pretrained(str(path))
+    except (OSError, ValueError, KeyError, AttributeError, TypeError) as e:
+        raise UserError(f"could not load the scheduler of {folder}: {type(e).__name__}: {e}") from None
+
+
+def pipeline_class_name(folder: str) -> str:
+    """The pipeline class named in the folder's model_index.json."""
+    try:
+        return str(json.loads((Path(folder) / "model_index.json").read_text())["_class_name"])
+    except (OSError, ValueError, KeyError):
+        return "unknown"
+
+
+def make_scheduler(spec: str, base_scheduler: Any):
+    """A fresh scheduler for ``spec`` (``name[:key=value...]``): ``Scheduler.from_config(base.config, **overrides)``.
+
+    ``default`` rebuilds the folder's own scheduler class, so state from an earlier line never leaks in.
+    Overrides given in ``spec`` win over the preset's (e.g. ``pndm:skip_prk_steps=false``).
+    """
+    import diffusers
+
+    name, user_overrides = parse_scheduler_spec(spec)
+    preset = SCHEDULERS[name]
+    cls, overrides = (type(base_scheduler), {}) if preset is None else (getattr(diffusers, preset[0]), dict(preset[1]))
+    return cls.from_config(base_scheduler.config, **{**overrides, **user_overrides})
+
+
+class CallCounter:
+    """Counts forward calls of the pipeline's denoiser (UNet / transformer): the number of function evaluations."""
+
+    def __init__(self, pipe):
+        self.count = 0
+        net = getattr(pipe, "unet", None)
+        if net is None:
+            net = getattr(pipe, "transformer", None)
+        self._handle = net.register_forward_pre_hook(self._hook) if net is not None else None
+
+    def _hook(self, module, args) -> None:
+        self.count += 1
+
+    def remove(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+
+
+def images_to_uint8(images: Any) -> torch.Tensor:
+    """Pipeline output (``pt`` tensor (N, 3, H, W) in [0, 1]) -> uint8 (N, 3, H, W) on the CPU."""
+    x = images if torch.is_tensor(images) else torch.as_tensor(images)
+    if x.dim() == 4 and x.shape[1] not in (1, 3) and x.shape[-1] in (1, 3):
+        x = x.permute(0, 3, 1, 2)  # NHWC -> NCHW
+    if x.shape[1] == 1:
+        x = x.repeat(1, 3, 1, 1)
+    return (x.detach().float().cpu().clamp(0, 1) * 255.0).round().to(torch.uint8)
+
+
+def sample_cell(pipe, prompts: list[str], steps: int, guidance: float, seed: int, batch_size: int,
+                device: torch.device, on_batch=None) -> tuple[torch.Tensor, float, float]:
+    """Sample ``len(prompts)`` images; image i uses ``torch.Generator().manual_seed(seed + i)``.
+
+    Returns (uint8 (N, 3, H, W), wall seconds spent inside pipeline calls, denoiser calls per pipeline call).
+    CPU generators give the same initial noise on every device.
+    """
+    counter = CallCounter(pipe)
+    chunks, seconds, calls = [], 0.0, 0
+    try:
+        for start in range(0, len(prompts), batch_size):
+            batch = prompts[start:start + batch_size]
+            generators = [torch.Generator().manual_seed(seed + start + j) for j in range(len(batch))]
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            out = pipe(batch, num_inference_steps=steps, guidance_scale=guidance, generator=generators,
+                       output_type="pt")
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            seconds += time.perf_counter() - t0
+            calls += 1
+            chunks.append(images_to_uint8(out.images))
+            if on_batch is not None:
+                on_batch(len(batch))
+    finally:
+        counter.remove()
+    return torch.cat(chunks), seconds, counter.count / max(calls, 1)
+
+
+def save_grid(images: torch.Tensor, path: Path, columns: int) -> None:
+    """Save up to ``GRID_ROWS`` rows x ``columns`` of uint8 (N, 3, H, W) images as one PNG."""
+    import torch.nn.functional as F
+    from PIL import Image
+    from torchvision.utils import make_grid
+
+    x = images[: columns * GRID_ROWS]
+    size = x.shape[-1]
+    if size < GRID_MIN_CELL:  # small digits: blow up by nearest neighbour so pixels stay crisp
+        scale = math.ceil(GRID_MIN_CELL / size)
+        x = F.interpolate(x.float(), scale_factor=scale, mode="nearest").round().to(torch.uint8)
+    elif size > GRID_MAX_CELL:  # 512x512 SD samples: shrink so a 10x10 grid stays a few MB
+        x = F.interpolate(x.float(), scale_factor=GRID_MAX_CELL / size, mode="bilinear", antialias=True)
+        x = x.round().clamp(0, 255).to(torch.uint8)
+    grid = make_grid(x, nrow=columns, padding=2, pad_value=128)  # (3, H', W') uint8
+    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
+
+
+def slug(text: str) -> str:
+    """A file-name-safe version of a line name."""
+    return re.sub(r"[^A-Za-z0-9._+-]+", "_", text).strip("_") or "line"
