@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from .denoiser import NoiseSchedule
@@ -82,3 +83,30 @@ def sample_loop(
         s = timesteps[i + 1] if i + 1 < len(timesteps) else -1
         x = step(denoise, x, torch.full((b,), t, device=x.device), torch.full((b,), s, device=x.device), schedule)
     return x
+
+
+# --------------------------------------------------------------------------------------------------
+# Timestep grids and the scheduler preset that samples on them
+# --------------------------------------------------------------------------------------------------
+
+def lcm_grid(num_train_timesteps: int, n: int) -> torch.Tensor:
+    """The n-point grid t_i = (i + 1) * (T // n) - 1, ascending: LCMScheduler's grid for
+    ``original_inference_steps=n``, on which consistency students (LCM) and ADD students train."""
+    return torch.arange(1, n + 1) * (num_train_timesteps // n) - 1
+
+
+def trailing_grid(num_train_timesteps: int, steps: int) -> torch.Tensor:
+    """diffusers' trailing timesteps for ``steps`` steps, descending, plus -1 (the clean end): (steps + 1,)."""
+    ts = np.round(np.arange(num_train_timesteps, 0, -num_train_timesteps / steps)).astype(np.int64) - 1
+    return torch.tensor([*ts.tolist(), -1])
+
+
+def lcm_scheduler(teacher_scheduler, original_inference_steps: int, timestep_scaling: float, prediction_type: str):
+    """The ``LCMScheduler`` preset of a student trained on ``lcm_grid(T, original_inference_steps)`` with the
+    consistency boundary scalings at ``timestep_scaling`` (``denoiser.consistency_output``): it applies the
+    training map at each sampling step and re-noises in between."""
+    from diffusers import LCMScheduler
+
+    return LCMScheduler.from_config(teacher_scheduler.config, original_inference_steps=original_inference_steps,
+                                    timestep_scaling=timestep_scaling, prediction_type=prediction_type,
+                                    clip_sample=False)

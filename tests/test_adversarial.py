@@ -11,7 +11,8 @@ import torch
 
 from diffdistill.config import build_run_config
 from diffdistill.errors import UserError
-from diffdistill.methods.adversarial import AdversarialConfig, hinge_d_loss, student_grid
+from diffdistill.methods.adversarial import AdversarialConfig, hinge_d_loss
+from diffdistill.solvers import lcm_grid
 
 
 def _run(teacher, out, **kw):
@@ -30,7 +31,7 @@ def test_student_grid_and_export_preset_agree(tiny_sd):
     from diffdistill.methods.adversarial import AdversarialDistillation
     from diffdistill.models import load_teacher
 
-    assert student_grid(1000, 4).tolist() == [249, 499, 749, 999]
+    assert lcm_grid(1000, 4).tolist() == [249, 499, 749, 999]
     teacher = load_teacher(tiny_sd)
     run = _run(tiny_sd, "x", steps=4)
     m = AdversarialDistillation(AdversarialConfig(), run)
@@ -63,7 +64,7 @@ def test_pure_noise_at_the_top_student_timestep():
             seen.append(x.clone())
             return x, x
 
-    grid = student_grid(1000, 4)
+    grid = lcm_grid(1000, 4)
     x0, noise = torch.randn(4, 4, 8, 8), torch.randn(4, 4, 8, 8)
     batch = {"latents": x0, "cond": torch.zeros(4, 7, 16), "noise": noise, "k": torch.tensor([3, 2, 1, 3])}
     generator_forward(Spy(), batch, grid, pure_noise_at_top=True)

@@ -13,10 +13,9 @@ from diffdistill.methods.consistency import (
     ConsistencyDistillation,
     consistency_distance,
     consistency_loss,
-    ddim_grid,
 )
 from diffdistill.models import load_teacher
-from diffdistill.solvers import ddim_step
+from diffdistill.solvers import ddim_step, lcm_grid
 
 
 def _method(teacher_path, **kw):
@@ -45,7 +44,7 @@ def test_distance_zero_at_equality_and_huber_limits():
 def test_grid_matches_lcm_scheduler_timesteps():
     from diffusers import LCMScheduler
 
-    grid = set(ddim_grid(1000, 50).tolist())
+    grid = set(lcm_grid(1000, 50).tolist())
     s = LCMScheduler(num_train_timesteps=1000, original_inference_steps=50)
     for n in (1, 2, 4, 8):
         s.set_timesteps(n)

@@ -14,9 +14,8 @@ from diffdistill.methods.progressive import (
     halving_plan,
     one_step_target,
     progressive_loss,
-    trailing_grid,
 )
-from diffdistill.solvers import ddim_step
+from diffdistill.solvers import ddim_step, trailing_grid
 
 SD = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 

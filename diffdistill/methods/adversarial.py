@@ -20,15 +20,16 @@ pipeline runs one UNet pass per step.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from ..config import RunConfig, opt
 from ..denoiser import TIMESTEP_SCALING, Denoiser, consistency_output, one_step_sample
-from ..errors import UserError, require, require_at_least
+from ..errors import require, require_at_least
+from ..features import FeatureHead, ImageFeatureNetwork, TeacherFeatureNetwork, use_classic_attention
 from ..models import frozen, student_from_teacher
+from ..solvers import lcm_grid, lcm_scheduler
 from .base import DistillMethod
 from .regression import RegressionOptions, RegressionPool, regression_loss
 
@@ -63,116 +64,6 @@ class AdversarialConfig(RegressionOptions):
         require(self.synthetic_steps > 0, f"--synthetic-steps must be > 0, got {self.synthetic_steps}")
         require(bool(self.feature_network), "--feature-network must not be empty")
         super().__post_init__()
-
-
-def student_grid(num_train_timesteps: int, k: int) -> torch.Tensor:
-    """The K student timesteps (T/K)(i+1) - 1, ascending (LCMScheduler's grid for original_inference_steps=K)."""
-    return torch.arange(1, k + 1) * (num_train_timesteps // k) - 1
-
-
-class FeatureHead(torch.nn.Module):
-    """A projection-discriminator head on one feature map: per-location logits plus <cond, features>."""
-
-    def __init__(self, channels: int, cond_dim: int):
-        super().__init__()
-        groups = 32 if channels % 32 == 0 else 1
-        self.body = torch.nn.Sequential(
-            torch.nn.Conv2d(channels, channels, 3, padding=1), torch.nn.GroupNorm(groups, channels), torch.nn.SiLU(),
-            torch.nn.Conv2d(channels, channels, 1))
-        self.out = torch.nn.Conv2d(channels, 1, 1)
-        self.cond = torch.nn.Linear(cond_dim, channels)
-
-    def forward(self, feat: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        h = self.body(feat.float())  # (B, C, h, w)
-        logits = self.out(h) + (h * self.cond(cond.float())[:, :, None, None]).sum(1, keepdim=True) / h.shape[1] ** 0.5
-        return logits.flatten(1).mean(1)  # (B,)
-
-
-class TeacherFeatureNetwork(torch.nn.Module):
-    """LADD: the frozen teacher UNet's down/mid-block features on noised latents, and its noise embedding."""
-
-    def __init__(self, unet):
-        super().__init__()
-        self.unet = unet
-        self._feats: list[torch.Tensor] = []
-        self._temb: list[torch.Tensor] = []
-        for block in [*unet.down_blocks, unet.mid_block]:
-            block.register_forward_hook(self._keep)
-        unet.time_embedding.register_forward_hook(lambda m, i, o: self._temb.append(o))
-
-    def _keep(self, module, inputs, output):
-        if self._capturing:
-            self._feats.append(output[0] if isinstance(output, tuple) else output)
-
-    _capturing = False
-
-    def channels(self) -> list[int]:
-        cfg = self.unet.config
-        return [*cfg.block_out_channels, cfg.block_out_channels[-1]]
-
-    def cond_dim(self, text_dim: int) -> int:
-        return text_dim + self.unet.time_embedding.linear_2.out_features
-
-    def forward(self, latents: torch.Tensor, t: torch.Tensor, text: torch.Tensor):
-        """(features per block, conditioning vector = [pooled text, noise-level embedding])."""
-        self._feats, self._temb, self._capturing = [], [], True
-        try:
-            self.unet(latents, t, encoder_hidden_states=text)
-        finally:
-            self._capturing = False
-        cond = torch.cat([text.mean(1).float(), self._temb[0].float()], dim=1)
-        return self._feats, cond
-
-
-class ImageFeatureNetwork(torch.nn.Module):
-    """An image model from a local folder (e.g. DINOv2): hidden states of several layers on decoded images."""
-
-    def __init__(self, path: str, vae, scaling_factor: float, double_backward: bool = False):
-        super().__init__()
-        from transformers import AutoConfig, AutoModel
-
-        p = Path(path)
-        require(p.is_dir(), f"--feature-network {path!r}: not 'teacher' and not a local model folder")
-        try:
-            AutoConfig.from_pretrained(str(p), local_files_only=True)
-            # R1 needs double backward, which SDPA kernels lack: eager attention then.
-            kwargs = {"attn_implementation": "eager"} if double_backward else {}
-            self.model = AutoModel.from_pretrained(str(p), local_files_only=True, **kwargs).eval().requires_grad_(False)
-        except Exception as e:  # noqa: BLE001 - any failure to read the folder is one line for the user
-            raise UserError(f"--feature-network {path}: cannot load a model offline: {str(e).splitlines()[0]}") from None
-        if double_backward:
-            import copy
-
-            from diffusers.models.attention_processor import AttnProcessor
-
-            vae = copy.deepcopy(vae)
-            vae.set_attn_processor(AttnProcessor())
-        self.vae, self.scaling = vae, scaling_factor
-        size = getattr(self.model.config, "image_size", 224)
-        self.size = size if isinstance(size, int) else size[0]
-        hidden = getattr(self.model.config, "hidden_size", None)
-        require(hidden is not None, f"--feature-network {path}: the model config has no hidden_size")
-        self.hidden = hidden
-        layers = getattr(self.model.config, "num_hidden_layers", 4)
-        self.layers = sorted({max(1, layers * k // 4) for k in (1, 2, 3, 4)})
-
-    def channels(self) -> list[int]:
-        return [self.hidden] * len(self.layers)
-
-    def cond_dim(self, text_dim: int) -> int:
-        return text_dim
-
-    def forward(self, latents: torch.Tensor, t: torch.Tensor, text: torch.Tensor):
-        images = self.vae.decode(latents / self.scaling).sample.clamp(-1, 1)  # differentiable decode
-        images = F.interpolate((images + 1) / 2, size=(self.size, self.size), mode="bilinear", align_corners=False)
-        out = self.model(pixel_values=images, output_hidden_states=True)
-        feats = []
-        for i in self.layers:
-            h = out.hidden_states[i]  # (B, 1 + N, D) tokens: drop the class token, fold to a grid
-            tokens = h[:, 1:] if h.shape[1] > 1 else h
-            side = int(tokens.shape[1] ** 0.5)
-            feats.append(tokens[:, : side * side].transpose(1, 2).reshape(h.shape[0], h.shape[2], side, side))
-        return feats, text.mean(1).float()
 
 
 class Discriminator(torch.nn.Module):
@@ -284,7 +175,6 @@ class AdversarialDistillation(DistillMethod):
 
     name = "add"
     phases = ("discriminator", "generator")
-    recommended_guidance_scale = 1.0  # guidance is distilled; <= 1 makes the pipeline skip the unconditional pass
 
     def __init__(self, cfg: AdversarialConfig, run: RunConfig):
         super().__init__(cfg, run)
@@ -308,19 +198,15 @@ class AdversarialDistillation(DistillMethod):
             import copy
 
             unet = copy.deepcopy(teacher.unet).float().requires_grad_(False).eval()
-            if self.cfg.r1_weight > 0:
-                # R1 differentiates the discriminator's gradient: SDPA kernels have no double backward
-                # (on CPU at least), the classic attention processor has.
-                from diffusers.models.attention_processor import AttnProcessor
-
-                unet.set_attn_processor(AttnProcessor())
+            if self.cfg.r1_weight > 0:  # R1 differentiates the discriminator's gradient
+                use_classic_attention(unet)
             self.features = TeacherFeatureNetwork(unet)
         else:
             self.features = ImageFeatureNetwork(self.cfg.feature_network, teacher.vae, teacher.vae.config.scaling_factor,
                                                 double_backward=self.cfg.r1_weight > 0)
         text_dim = teacher.pipe.text_encoder.config.hidden_size
         self.disc = Discriminator(self.features.channels(), self.features.cond_dim(text_dim)).to(teacher.unet.device)
-        self.grid = student_grid(teacher.schedule.num_train_timesteps, self.cfg.student_timesteps)
+        self.grid = lcm_grid(teacher.schedule.num_train_timesteps, self.cfg.student_timesteps)
         self.pool = RegressionPool(self.cfg.regression_pairs, self.cfg.regression_batch_size)
 
     def trainable_modules(self) -> dict[str, torch.nn.Module]:
@@ -372,11 +258,7 @@ class AdversarialDistillation(DistillMethod):
         return self.cfg.student_timesteps
 
     def export_scheduler(self, teacher_scheduler):
-        from diffusers import LCMScheduler
-
-        return LCMScheduler.from_config(teacher_scheduler.config, original_inference_steps=self.cfg.student_timesteps,
-                                        timestep_scaling=TIMESTEP_SCALING, prediction_type=self.teacher.prediction_type,
-                                        clip_sample=False)
+        return lcm_scheduler(teacher_scheduler, self.cfg.student_timesteps, TIMESTEP_SCALING, self.teacher.prediction_type)
 
     def card_details(self) -> dict:
         c = self.cfg

@@ -1,17 +1,37 @@
-"""What every distillation method gives the shared trainer: a narrow, explicit interface.
+"""What every distillation method gives the shared trainer, and nothing more.
 
-A method owns its maths (a pure loss function in its own file) and the modules it trains; the
-trainer owns the loop. The hooks are deliberately few:
+A method owns its maths (pure loss functions in its own file) and the modules it trains; the trainer
+(``trainer.py``), the run (``distill.py``) and the export of a checkpoint (``export_run.py``) own the loop,
+the files and the devices. This is the complete list of what they read or call on a method; anything else
+on a method is its own business.
 
-* ``setup(teacher, run)``          build the student (and any extra networks) from the teacher
-* ``phases``                       optimiser names, stepped in this order each step
-                                   (one for most methods; two for GAN/DMD: generator, critic)
-* ``parameters(phase)``            the parameters that phase's optimiser trains
-* ``loss(phase, batch, step)``     (scalar loss, logs) for that phase, calling the pure loss
-* ``after_step(step)``             e.g. the EMA update of a target network
-* ``before_step(step)``            stage changes (progressive halving); returns finished stages to export
-* ``state_modules()``              every module a checkpoint must hold
-* ``export_unet()`` + ``export_scheduler(teacher_scheduler)``: what the exported pipeline contains
+Identity
+* ``name``                                    the ``--method`` value (cards, logs)
+* ``phases``                                  optimiser names, stepped in this order every step (one for
+                                              most methods; critic then generator for ADD/DMD, a phase may
+                                              repeat: DMD's fake score ``fake_updates`` times)
+
+Set-up (before the first file is written, then before training)
+* ``validate(teacher)``                       checks that need the loaded teacher; raise UserError
+* ``setup(teacher)``                          build the student and any extra networks from the teacher
+* ``trainable_modules()`` / ``set_trainable_modules(modules)``
+                                              phase -> module, handed to accelerate and given back wrapped
+* ``parameters(phase)``, ``learning_rate(phase, default)``, ``lr_segments()``
+                                              one optimiser and LR schedule per phase
+
+The step
+* ``before_step(step)``                       stage changes (progressive halving); returns finished stages
+* ``loss(phase, batch, step)``                (scalar loss, logs) for that phase, from the pure loss
+* ``after_step(step)``                        e.g. the EMA update of a consistency target network
+
+State and export
+* ``state_modules()``                         every module a checkpoint holds
+* ``on_resume(step)``                         after a checkpoint of ``step`` was loaded
+* ``student``                                 the module the student EMA tracks
+* ``sampling_steps()``, ``max_sampling_steps()``, ``recommended_guidance_scale``
+                                              how the student is sampled (validation grids, card, preset)
+* ``export_unet(unwrap)``, ``export_scheduler(teacher_scheduler)``, ``lora_state_dict(unwrap)``,
+  ``card_details()``                          what the exported pipeline, LoRA and model card contain
 """
 
 from __future__ import annotations
@@ -26,13 +46,24 @@ class DistillMethod:
 
     name = "base"
     phases: tuple[str, ...] = ("student",)
-    recommended_guidance_scale = 1.0
 
     def __init__(self, cfg, run: RunConfig):
         self.cfg = cfg
         self.run = run
         self.teacher = None
         self.student = None
+
+    @property
+    def recommended_guidance_scale(self) -> float:
+        """The guidance_scale written into the export's preset and card: --recommended-guidance-scale when
+        given (>= 0), else the method's ``default_guidance_scale()``."""
+        if self.run.recommended_guidance_scale >= 0:
+            return self.run.recommended_guidance_scale
+        return self.default_guidance_scale()
+
+    def default_guidance_scale(self) -> float:
+        """The method's own recommendation: 1.0 (one pass per step, no CFG) unless a method says otherwise."""
+        return 1.0
 
     # --- set-up -------------------------------------------------------------------------------
     def validate(self, teacher) -> None:
@@ -110,3 +141,9 @@ class DistillMethod:
     def card_details(self) -> dict:
         """Method-specific lines for the model card (name -> value)."""
         return {}
+
+
+def trained_guidance_scale(cfg) -> float:
+    """The guidance a student with an embedded guidance input was trained for: ``cfg.guidance_scale``, else the
+    middle of its training range [w_min, w_max] (LCM, progressive distillation)."""
+    return cfg.guidance_scale or 0.5 * (cfg.w_min + cfg.w_max)

@@ -27,8 +27,8 @@ from ..config import RunConfig, opt
 from ..denoiser import TIMESTEP_SCALING, Denoiser, consistency_output
 from ..errors import require
 from ..models import GUIDANCE_EMBED_DIM, student_from_teacher
-from ..solvers import SOLVERS, get_solver
-from .base import DistillMethod
+from ..solvers import SOLVERS, get_solver, lcm_grid, lcm_scheduler
+from .base import DistillMethod, trained_guidance_scale
 
 LOSS_TYPES = ("l2", "huber")
 
@@ -78,12 +78,6 @@ def consistency_distance(a: torch.Tensor, b: torch.Tensor, loss_type: str, huber
     return (torch.sqrt(d2 + huber_c**2) - huber_c).mean()
 
 
-def ddim_grid(num_train_timesteps: int, num_ddim_timesteps: int) -> torch.Tensor:
-    """The N-point training grid t_n = (n + 1) k - 1, k = T // N (the grid LCMScheduler samples from)."""
-    k = num_train_timesteps // num_ddim_timesteps
-    return torch.arange(1, num_ddim_timesteps + 1) * k - 1
-
-
 def consistency_loss(student: Denoiser, teacher: Denoiser, batch: dict, cfg: ConsistencyConfig,
                      target: Denoiser | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """Consistency-distillation loss on one batch.
@@ -99,7 +93,7 @@ def consistency_loss(student: Denoiser, teacher: Denoiser, batch: dict, cfg: Con
     n = batch.get("n")
     if n is None:
         n = torch.randint(0, cfg.num_ddim_timesteps, (b,), device=device)
-    t = ((n + 1) * k - 1).to(device)  # (B,)
+    t = lcm_grid(schedule.num_train_timesteps, cfg.num_ddim_timesteps).to(device)[n]  # (B,) (n + 1) k - 1
     s = (t - k).clamp(min=0)  # one skipping step earlier; t_0 - k is clamped to the boundary t = 0
     noise = batch.get("noise")
     if noise is None:
@@ -150,13 +144,10 @@ class ConsistencyDistillation(DistillMethod):
     def lora(self) -> bool:
         return self.cfg.lora_rank is not None
 
-    @property
-    def recommended_guidance_scale(self) -> float:  # type: ignore[override]
-        if self.run.recommended_guidance_scale >= 0:
-            return self.run.recommended_guidance_scale
+    def default_guidance_scale(self) -> float:
         if self.lora:
             return 1.0  # guidance is baked into a LoRA student; scale 1 also skips the CFG pass
-        return self.cfg.guidance_scale or 0.5 * (self.cfg.w_min + self.cfg.w_max)
+        return trained_guidance_scale(self.cfg)
 
     def validate(self, teacher) -> None:
         t_train = teacher.schedule.num_train_timesteps
@@ -229,15 +220,8 @@ class ConsistencyDistillation(DistillMethod):
         return self.cfg.num_ddim_timesteps
 
     def export_scheduler(self, teacher_scheduler):
-        from diffusers import LCMScheduler
-
-        return LCMScheduler.from_config(
-            teacher_scheduler.config,
-            original_inference_steps=self.cfg.num_ddim_timesteps,
-            timestep_scaling=self.cfg.timestep_scaling,
-            prediction_type=self.teacher.prediction_type,
-            clip_sample=False,
-        )
+        return lcm_scheduler(teacher_scheduler, self.cfg.num_ddim_timesteps, self.cfg.timestep_scaling,
+                             self.teacher.prediction_type)
 
     def lora_state_dict(self, unwrap):
         if not self.lora:

@@ -24,15 +24,14 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from ..config import RunConfig, opt
 from ..denoiser import Denoiser, NoiseSchedule
 from ..errors import UserError, require
 from ..models import GUIDANCE_EMBED_DIM, student_from_teacher
-from ..solvers import ddim_step
-from .base import DistillMethod
+from ..solvers import ddim_step, trailing_grid
+from .base import DistillMethod, trained_guidance_scale
 
 
 @dataclass
@@ -70,12 +69,6 @@ class Stage:
     @property
     def name(self) -> str:
         return f"{self.student_steps}_steps"
-
-
-def trailing_grid(num_train_timesteps: int, steps: int) -> torch.Tensor:
-    """diffusers' trailing timesteps for ``steps`` steps, descending, plus -1 (the clean end): (steps + 1,)."""
-    ts = np.round(np.arange(num_train_timesteps, 0, -num_train_timesteps / steps)).astype(np.int64) - 1
-    return torch.tensor([*ts.tolist(), -1])
 
 
 def halvings(start: int) -> list[int]:
@@ -188,11 +181,8 @@ class ProgressiveDistillation(DistillMethod):
         self.current: Stage | None = None
         self.stage_teacher = None
 
-    @property
-    def recommended_guidance_scale(self) -> float:  # type: ignore[override]
-        if self.run.recommended_guidance_scale >= 0:
-            return self.run.recommended_guidance_scale
-        return self.cfg.guidance_scale or 0.5 * (self.cfg.w_min + self.cfg.w_max)
+    def default_guidance_scale(self) -> float:
+        return trained_guidance_scale(self.cfg)
 
     def setup(self, teacher) -> None:
         self.teacher = teacher

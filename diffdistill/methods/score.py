@@ -22,7 +22,9 @@ import torch.nn.functional as F
 from ..config import RunConfig, opt
 from ..denoiser import TIMESTEP_SCALING, Denoiser, one_step_sample
 from ..errors import require, require_at_least
+from ..features import FeatureHead, FeatureTaps, unet_stage_modules
 from ..models import frozen, student_from_teacher
+from ..solvers import lcm_scheduler
 from .base import DistillMethod
 from .regression import RegressionOptions, RegressionPool, regression_loss
 
@@ -152,17 +154,6 @@ def fake_score_loss(fake: Denoiser, samples: torch.Tensor, cond: torch.Tensor, t
     return ((eps.float() - noise.float()) ** 2).mean()
 
 
-class MidBlockTap:
-    """Keeps the latest mid-block output of a UNet: the features DMD2's GAN head classifies."""
-
-    def __init__(self, unet):
-        self.features: torch.Tensor | None = None
-        unet.mid_block.register_forward_hook(self._keep)
-
-    def _keep(self, module, inputs, output):
-        self.features = output[0] if isinstance(output, tuple) else output
-
-
 def gan_head_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
     """Non-saturating GAN loss of the classifier: softplus(-D(real)) + softplus(D(fake)) (DMD2)."""
     return F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
@@ -178,7 +169,6 @@ class ScoreDistillation(DistillMethod):
 
     name = "sds"
     use_fake_score = False
-    recommended_guidance_scale = 1.0
 
     def __init__(self, cfg: ScoreConfig, run: RunConfig):
         super().__init__(cfg, run)
@@ -197,9 +187,7 @@ class ScoreDistillation(DistillMethod):
             self.fake = student_from_teacher(teacher.unet)
         self.head = None
         if self.use_fake_score and self.cfg.gan_weight > 0:
-            from .adversarial import FeatureHead
-
-            self.tap = MidBlockTap(self.fake)
+            self.tap = FeatureTaps(unet_stage_modules(self.fake, ["mid"]), always=True)
             text_dim = teacher.pipe.text_encoder.config.hidden_size
             self.head = FeatureHead(self.fake.config.block_out_channels[-1], text_dim).to(teacher.unet.device)
         self.pool = RegressionPool(self.cfg.regression_pairs, self.cfg.regression_batch_size)
@@ -300,7 +288,7 @@ class ScoreDistillation(DistillMethod):
                          fake.schedule.add_noise(real, torch.randn_like(real), t)])
         _, eps = fake.x0_eps(x_t, torch.cat([t, t]), torch.cat([cond, cond]))
         denoise = ((eps[:b].float() - noise.float()) ** 2).mean()
-        logits = self.head(self.tap.features, torch.cat([cond, cond]).mean(1))
+        logits = self.head(self.tap.features["mid"], torch.cat([cond, cond]).mean(1))
         head = gan_head_loss(logits[b:], logits[:b])
         loss = denoise + self.cfg.gan_disc_weight * head
         return loss, {"loss": loss.item(), "denoise": denoise.item(), "gan_head": head.item(),
@@ -314,19 +302,15 @@ class ScoreDistillation(DistillMethod):
         head = getattr(self.head, "module", self.head)
         with frozen(fake.unet, head):
             fake_x0, _ = fake.x0_eps(x_t, t, cond)
-            gan = gan_generator_loss(head(self.tap.features, cond.mean(1)))
+            gan = gan_generator_loss(head(self.tap.features["mid"], cond.mean(1)))
         return fake_x0, gan
 
     def max_sampling_steps(self) -> int:
         return 1
 
     def export_scheduler(self, teacher_scheduler):
-        from diffusers import LCMScheduler
-
         # One step from t = T - 1 with the same boundary scalings as OneStepUNetGenerator.
-        return LCMScheduler.from_config(teacher_scheduler.config, original_inference_steps=1,
-                                        timestep_scaling=TIMESTEP_SCALING, prediction_type=self.teacher.prediction_type,
-                                        clip_sample=False)
+        return lcm_scheduler(teacher_scheduler, 1, TIMESTEP_SCALING, self.teacher.prediction_type)
 
     def card_details(self) -> dict:
         c = self.cfg

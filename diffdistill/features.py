@@ -1,0 +1,188 @@
+"""Feature plumbing shared by the methods that look inside networks: forward-hook taps, the projection
+heads that classify tapped features, the attention-processor swap that double backward needs, and the
+frozen feature networks of ADD/LADD's discriminator.
+
+ADD taps the frozen teacher's down and mid blocks, DMD2's GAN head taps the fake score network's mid
+block, and feature knowledge distillation taps matching blocks of teacher and student: all through
+:class:`FeatureTaps`, so a hook is registered, read and cleared in one way.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .errors import UserError, require
+
+
+def first_output(output):
+    """The tensor a block returns: diffusers' down blocks return (hidden, residuals), others a tensor."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+class FeatureTaps:
+    """Forward hooks on ``modules`` (name -> module) that keep each module's output while capturing.
+
+    ``always=True`` keeps the latest output of every call (DMD2's head reads the mid block after the fake
+    network's own pass); otherwise outputs are kept only inside ``capture()``, so the same network can run
+    untapped elsewhere. ``features`` maps name -> the latest output, in registration order.
+    """
+
+    def __init__(self, modules: dict[str, torch.nn.Module], always: bool = False):
+        self.features: dict[str, torch.Tensor] = {}
+        self._capturing = always
+        self._handles = [module.register_forward_hook(self._keeper(name)) for name, module in modules.items()]
+
+    def _keeper(self, name: str):
+        def keep(module, inputs, output):
+            if self._capturing:
+                self.features[name] = first_output(output)
+        return keep
+
+    def capture(self) -> _Capture:
+        """Context manager: clear ``features``, keep outputs inside the block, stop keeping them after it."""
+        return _Capture(self)
+
+    def values(self) -> list[torch.Tensor]:
+        """The kept outputs in registration order."""
+        return list(self.features.values())
+
+    def remove(self) -> None:
+        """Unregister every hook."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+class _Capture:
+    def __init__(self, taps: FeatureTaps):
+        self.taps = taps
+
+    def __enter__(self) -> FeatureTaps:
+        self._was = self.taps._capturing
+        self.taps.features = {}
+        self.taps._capturing = True
+        return self.taps
+
+    def __exit__(self, *exc) -> None:
+        self.taps._capturing = self._was
+
+
+def unet_stage_modules(unet, names: Iterable[str] = ()) -> dict[str, torch.nn.Module]:
+    """Named UNet blocks to tap: ``down.0``..``down.K``, ``mid``, ``up.0``.. (default: every down block + mid)."""
+    table = {f"down.{i}": b for i, b in enumerate(unet.down_blocks)}
+    table["mid"] = unet.mid_block
+    table.update({f"up.{i}": b for i, b in enumerate(unet.up_blocks)})
+    names = list(names) or [*(f"down.{i}" for i in range(len(unet.down_blocks))), "mid"]
+    unknown = [n for n in names if n not in table]
+    require(not unknown, f"unknown UNet block(s) {', '.join(unknown)}; choose from {', '.join(table)}")
+    return {n: table[n] for n in names}
+
+
+def use_classic_attention(module: torch.nn.Module) -> torch.nn.Module:
+    """Swap every attention processor of a diffusers model for ``AttnProcessor`` (in place; returns it).
+
+    R1 penalties differentiate a gradient: PyTorch's SDPA kernels have no double backward (on CPU at
+    least), the classic matmul-softmax processor has."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    module.set_attn_processor(AttnProcessor())
+    return module
+
+
+class FeatureHead(torch.nn.Module):
+    """A projection-discriminator head on one feature map: per-location logits plus <cond, features>."""
+
+    def __init__(self, channels: int, cond_dim: int):
+        super().__init__()
+        groups = 32 if channels % 32 == 0 else 1
+        self.body = torch.nn.Sequential(
+            torch.nn.Conv2d(channels, channels, 3, padding=1), torch.nn.GroupNorm(groups, channels), torch.nn.SiLU(),
+            torch.nn.Conv2d(channels, channels, 1))
+        self.out = torch.nn.Conv2d(channels, 1, 1)
+        self.cond = torch.nn.Linear(cond_dim, channels)
+
+    def forward(self, feat: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) features + (B, cond_dim) conditioning -> (B,) logits."""
+        h = self.body(feat.float())  # (B, C, h, w)
+        logits = self.out(h) + (h * self.cond(cond.float())[:, :, None, None]).sum(1, keepdim=True) / h.shape[1] ** 0.5
+        return logits.flatten(1).mean(1)  # (B,)
+
+
+class TeacherFeatureNetwork(torch.nn.Module):
+    """LADD: the frozen teacher UNet's down/mid-block features on noised latents, and its noise embedding."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+        self.taps = FeatureTaps(unet_stage_modules(unet))
+        self.temb_tap = FeatureTaps({"temb": unet.time_embedding})
+
+    def channels(self) -> list[int]:
+        """Channels of each tapped feature map."""
+        cfg = self.unet.config
+        return [*cfg.block_out_channels, cfg.block_out_channels[-1]]
+
+    def cond_dim(self, text_dim: int) -> int:
+        """Width of the conditioning vector: pooled text + the UNet's noise-level embedding."""
+        return text_dim + self.unet.time_embedding.linear_2.out_features
+
+    def forward(self, latents: torch.Tensor, t: torch.Tensor, text: torch.Tensor):
+        """(features per block, conditioning vector = [pooled text, noise-level embedding])."""
+        with self.taps.capture(), self.temb_tap.capture():
+            self.unet(latents, t, encoder_hidden_states=text)
+        cond = torch.cat([text.mean(1).float(), self.temb_tap.features["temb"].float()], dim=1)
+        return self.taps.values(), cond
+
+
+class ImageFeatureNetwork(torch.nn.Module):
+    """An image model from a local folder (e.g. DINOv2): hidden states of several layers on decoded images."""
+
+    def __init__(self, path: str, vae, scaling_factor: float, double_backward: bool = False):
+        super().__init__()
+        from transformers import AutoConfig, AutoModel
+
+        p = Path(path)
+        require(p.is_dir(), f"--feature-network {path!r}: not 'teacher' and not a local model folder")
+        try:
+            AutoConfig.from_pretrained(str(p), local_files_only=True)
+            # R1 needs double backward, which SDPA kernels lack: eager attention then.
+            kwargs = {"attn_implementation": "eager"} if double_backward else {}
+            self.model = AutoModel.from_pretrained(str(p), local_files_only=True, **kwargs).eval().requires_grad_(False)
+        except Exception as e:  # noqa: BLE001 - any failure to read the folder is one line for the user
+            raise UserError(f"--feature-network {path}: cannot load a model offline: {str(e).splitlines()[0]}") from None
+        if double_backward:
+            vae = use_classic_attention(copy.deepcopy(vae))
+        self.vae, self.scaling = vae, scaling_factor
+        size = getattr(self.model.config, "image_size", 224)
+        self.size = size if isinstance(size, int) else size[0]
+        hidden = getattr(self.model.config, "hidden_size", None)
+        require(hidden is not None, f"--feature-network {path}: the model config has no hidden_size")
+        self.hidden = hidden
+        layers = getattr(self.model.config, "num_hidden_layers", 4)
+        self.layers = sorted({max(1, layers * k // 4) for k in (1, 2, 3, 4)})
+
+    def channels(self) -> list[int]:
+        """Channels of each tapped layer (the model's hidden size)."""
+        return [self.hidden] * len(self.layers)
+
+    def cond_dim(self, text_dim: int) -> int:
+        """Width of the conditioning vector: pooled text."""
+        return text_dim
+
+    def forward(self, latents: torch.Tensor, t: torch.Tensor, text: torch.Tensor):
+        """(features per layer folded to grids, pooled text) of the decoded ``latents``."""
+        images = self.vae.decode(latents / self.scaling).sample.clamp(-1, 1)  # differentiable decode
+        images = F.interpolate((images + 1) / 2, size=(self.size, self.size), mode="bilinear", align_corners=False)
+        out = self.model(pixel_values=images, output_hidden_states=True)
+        feats = []
+        for i in self.layers:
+            h = out.hidden_states[i]  # (B, 1 + N, D) tokens: drop the class token, fold to a grid
+            tokens = h[:, 1:] if h.shape[1] > 1 else h
+            side = int(tokens.shape[1] ** 0.5)
+            feats.append(tokens[:, : side * side].transpose(1, 2).reshape(h.shape[0], h.shape[2], side, side))
+        return feats, text.mean(1).float()
