@@ -41,7 +41,7 @@ def test_train_digits_sd_few_steps_end_to_end(tmp_path):
 def test_gpu_smoke_runs_on_cpu_with_tiny(tmp_path):
     r = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_smoke.sh"), str(tmp_path / "smoke"), "--tiny",
                         "--steps", "3", "--batch-size", "2"], capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                       env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHON": sys.executable})
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((tmp_path / "smoke" / "results.json").read_text())
     assert res["train_steps"] == 3 and res["it_per_s"] > 0 and len(res["loss_trend"]) == 3

@@ -35,7 +35,7 @@ class DifferentiableGenerator(torch.nn.Module):
     """Anything that maps its parameters (and optionally noise and text) to latents (B, C, h, w).
 
     Subclass it and implement ``forward(noise, cond) -> latents`` to plug your own renderer (a NeRF, a
-    3D Gaussian rasteriser, ...) into ``sds_loss``; the output shape must match the teacher's latents.
+    3D Gaussian rasteriser, ...) into ``diffdistill sds`` (``sds_gradient``); the output shape must match the teacher's latents.
     """
 
     def forward(self, noise: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
