@@ -6,7 +6,8 @@
     diffdistill sds --prompt "a handwritten digit 7" --output runs/sds-7
 
 Every flag of ``distill`` comes from a config dataclass field (its help text and default live there).
-Bad input gives one line ``error: ...`` and exit status 2, never a traceback.
+Bad input gives one line ``error: ...`` and exit status 2, never a traceback; a run that fails after it
+started (divergence, a file unreadable mid-run) gives one line and exit status 3; SIGTERM gives 143.
 """
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import signal
 import sys
+import threading
 import typing
 
 from .config import SECTIONS, RunConfig, _resolve_type, build_run_config, load_yaml
-from .errors import UserError
+from .errors import RUN_FAILED, USAGE_ERROR, RunFailed, Terminated, UserError
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -133,14 +136,14 @@ def cmd_sds(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The full ``diffdistill`` parser with every subcommand."""
     from . import __version__
-    from .eval import cli as bench_cli
+    from .eval import bench
 
     parser = OneLineParser(prog="diffdistill", description="Distil diffusers diffusion models into few-step students, "
                            "export them as diffusers pipelines, and benchmark FID/IS/KID against sampling steps.")
     parser.add_argument("--version", action="version", version=f"diffdistill {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
     add_distill_parser(sub)
-    bench_cli.add_parser(sub)
+    bench.add_parser(sub)
     add_export_parser(sub)
     add_sds_parser(sub)
     return parser
@@ -153,14 +156,26 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+
+    def terminate(signum, _frame):  # the trainer installs its own handler (checkpoint, then exit) while it trains
+        raise Terminated(signum)  # unwinds through the writers' clean-up of their temporary folders
+
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, terminate) if in_main_thread else None
     try:
         return int(args.func(args) or 0)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return USAGE_ERROR
+    except RunFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return RUN_FAILED
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except Terminated as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 128 + e.signum
     except Exception as e:  # noqa: BLE001 - interruption and divergence have their own exit paths below
         from .trainer import TrainingInterrupted
 
@@ -169,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"resume with --resume-from-checkpoint latest", file=sys.stderr)
             return 128 + e.signum
         raise
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ Every field carries its help text in ``metadata["help"]``; the CLI turns each fi
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,6 +22,19 @@ import yaml
 from .errors import UserError, require, require_at_least
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
+FLOAT32_MAX = 3.4028234663852886e38
+SEED_LIMIT = 2**32  # numpy's (and so accelerate's set_seed's) seeds are 0 .. 2**32 - 1
+
+
+def require_seed(seed: int, flag: str = "--seed") -> None:
+    """A seed every RNG takes (numpy's range, the narrowest)."""
+    require(0 <= seed < SEED_LIMIT, f"{flag} must be in [0, 2**32), got {seed}")
+
+
+def require_adam_step_fits(lr: float, beta1: float, flag: str) -> None:
+    """AdamW's first step moves weights by up to lr / (1 - beta1), which must be a float32 number."""
+    require(lr / (1 - beta1) < FLOAT32_MAX, f"{flag} {lr} is too large: AdamW's first step "
+                                            f"(lr / (1 - beta1)) overflows float32")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
 
@@ -70,7 +84,11 @@ class TrainConfig:
         require_at_least(self, 0, "lr_warmup_steps", "checkpointing_steps", "checkpoints_total_limit", "validation_steps",
                          "max_train_minutes")
         require(self.learning_rate > 0, f"--learning-rate must be > 0, got {self.learning_rate}")
-        require_at_least(self, 0, "max_grad_norm", "weight_decay")
+        require_at_least(self, 0, "max_grad_norm", "weight_decay", "adam_epsilon")
+        for name in ("adam_beta1", "adam_beta2"):
+            require(0 <= getattr(self, name) < 1, f"{_flag(name)} must be in [0, 1), got {getattr(self, name)}")
+        require_adam_step_fits(self.learning_rate, self.adam_beta1, "--learning-rate")
+        require_seed(self.seed)
         require(0 <= self.student_ema_decay < 1, f"--student-ema-decay must be in [0, 1), got {self.student_ema_decay}")
         require(self.mixed_precision in MIXED_PRECISION,
                 f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}")
@@ -123,6 +141,8 @@ class RunConfig:
         require(self.steps > 0, f"--steps must be > 0, got {self.steps}")
         require(bool(self.teacher), "--teacher must not be empty")
         require(self.benchmark_samples >= 0, f"--benchmark-samples must be >= 0, got {self.benchmark_samples}")
+        require(self.recommended_guidance_scale == -1 or self.recommended_guidance_scale >= 0,
+                f"--recommended-guidance-scale must be >= 0 (or -1: the method's choice), got {self.recommended_guidance_scale}")
 
 
 def _flag(name: str) -> str:
@@ -162,6 +182,7 @@ def coerce(value: Any, tp: type, name: str) -> Any:
             v = float(value) if tp is float else int(str(value), 10) if isinstance(value, str) else value
         except (TypeError, ValueError):
             raise UserError(f"{_flag(name)} expects {'an integer' if tp is int else 'a number'}, got {value!r}") from None
+        require(not isinstance(v, float) or math.isfinite(v), f"{_flag(name)} expects a finite number, got {value!r}")
         if tp is int and (not isinstance(v, int) or isinstance(v, bool)):
             if isinstance(v, float) and v.is_integer():
                 return int(v)
@@ -204,9 +225,10 @@ def build_run_config(yaml_values: dict, overrides: dict) -> RunConfig:
     the method's own config (checked later against the method's dataclass).
     """
     top = {k: v for k, v in yaml_values.items() if k not in SECTIONS and k != "method_args"}
+    for name in (*SECTIONS, "method_args"):
+        v = yaml_values.get(name) or {}
+        require(isinstance(v, dict), f"'{name}:' in the config file must be a mapping, got {type(v).__name__}")
     sections = {name: dict(yaml_values.get(name) or {}) for name in SECTIONS}
-    for name, v in sections.items():
-        require(isinstance(v, dict), f"'{name}:' in the config file must be a mapping")
     method_args = dict(yaml_values.get("method_args") or {})
     run_fields = {f.name for f in dataclasses.fields(RunConfig)} - set(SECTIONS) - {"method_args"}
     section_fields = {name: {f.name for f in dataclasses.fields(cls)} for name, cls in SECTIONS.items()}

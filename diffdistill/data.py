@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .config import DataConfig
-from .errors import UserError, require
+from .errors import RunFailed, UserError, require
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -78,11 +78,19 @@ class ImageFolderDataset(Dataset):
                 row = json.loads(line)
             except json.JSONDecodeError:
                 raise UserError(f"{meta}:{n} is not valid JSON") from None
-            require("file_name" in row and caption_column in row,
+            require(isinstance(row, dict) and "file_name" in row and caption_column in row,
                     f"{meta}:{n} needs 'file_name' and '{caption_column}' keys")
-            require((root / row["file_name"]).is_file(), f"{meta}:{n}: image {row['file_name']} not found")
-            self.items.append((root / row["file_name"], str(row[caption_column])))
+            name, caption = row["file_name"], row[caption_column]
+            require(isinstance(caption, str), f"{meta}:{n}: '{caption_column}' must be a string, got {json.dumps(caption)}")
+            require(isinstance(name, str) and bool(name), f"{meta}:{n}: 'file_name' must be a file name, got {json.dumps(name)}")
+            # Only files inside the data folder: an absolute path or a '..' would read anything on the machine.
+            require(not Path(name).is_absolute() and ".." not in Path(name).parts,
+                    f"{meta}:{n}: file_name {name!r} points outside {root}")
+            require((root / name).is_file(), f"{meta}:{n}: image {name} not found")
+            self.items.append((root / name, caption))
         require(bool(self.items), f"{meta} lists no images")
+        for path, _ in self.items:
+            check_image(path)
         self.resolution = resolution
 
     def __len__(self) -> int:
@@ -92,8 +100,28 @@ class ImageFolderDataset(Dataset):
         from PIL import Image
 
         path, caption = self.items[i]
+        try:
+            with Image.open(path) as im:
+                return {"pixel_values": _to_tensor(im, self.resolution), "prompt": caption}
+        except (OSError, SyntaxError, ValueError) as e:  # PIL's ways of saying the data is broken
+            raise RunFailed(f"{path}: cannot read image ({_first_line(e)})") from None
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def check_image(path: Path) -> None:
+    """UserError unless ``path`` opens as an image and passes PIL's ``verify`` (cheap: no full decode; a file
+    broken deeper than that fails when it is read, with one line naming it)."""
+    from PIL import Image
+
+    try:
         with Image.open(path) as im:
-            return {"pixel_values": _to_tensor(im, self.resolution), "prompt": caption}
+            im.verify()
+    except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, struct.error, ...
+        raise UserError(f"{path} is not a readable image ({_first_line(e)})") from None
 
 
 def expand_braces(pattern: str) -> list[str]:

@@ -1,28 +1,34 @@
 """``diffdistill distill``: config -> teacher + method -> trainer -> export -> small benchmark -> model card.
 
 Every check that can fail on user input runs before the output folder is touched, so a bad
-invocation leaves nothing half-written.
+invocation leaves nothing half-written. The run folder is then locked (one run at a time), marked with
+``diffdistill.json`` (command and run id) and owned by this run: ``--overwrite`` replaces only a folder that
+an earlier ``diffdistill distill`` wrote, and starts it clean.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
 
 import torch
 
-from .config import RunConfig, build_dataclass, save_yaml, to_dict
+from .checkpoint import new_run_id, resolve_resume
+from .config import RunConfig, build_dataclass, require_adam_step_fits, save_yaml, to_dict
 from .data import build_dataset
 from .errors import require
 from .export import EXPORT_INFO, export_lora, export_pipeline, write_model_card
+from .fsutil import OUTPUT_MARKER, FolderLock, check_output, write_marker
 from .methods import get_method
 from .models import load_teacher
 from .trainer import Trainer, list_checkpoints, make_accelerator
 
-FINISHED_MARKER = "model_index.json"
+# What a run writes into its folder: --overwrite removes exactly these (a user's other files stay).
+RUN_ENTRIES = (OUTPUT_MARKER, "config.yaml", "logs.csv", "logs.csv.tmp", "summary.json", "checkpoints", "samples",
+               "pipeline", "lora", "stages", "benchmark", "tensorboard", ".pipeline.tmp", ".lora.tmp",
+               "pipeline.old", "lora.old")
 
 
 def weight_dtype(mixed_precision: str) -> torch.dtype:
@@ -30,19 +36,38 @@ def weight_dtype(mixed_precision: str) -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
 
 
-def check_output_folder(run: RunConfig) -> Path:
-    """Validate --output: writable, and no finished export in it unless --overwrite (or resuming)."""
+def check_output_folder(run: RunConfig) -> tuple[Path, str | None]:
+    """Validate --output without writing: new or empty, or an earlier distill run (to resume, or to replace with
+    --overwrite). Returns the folder and the run id it continues (None: a new run)."""
     require(bool(run.output), "--output is required")
+    require(not (run.overwrite and run.train.resume_from_checkpoint),
+            "--overwrite starts the run over and cannot be combined with --resume-from-checkpoint")
     out = Path(run.output)
-    blocker = next((p for p in [out, *out.absolute().parents] if os.path.lexists(p) and not p.is_dir()), None)
-    require(blocker is None, f"--output {out}: {blocker} exists and is not a folder")
-    finished = (out / "pipeline" / FINISHED_MARKER).is_file()
-    resuming = bool(run.train.resume_from_checkpoint)
-    require(not finished or run.overwrite or resuming,
-            f"--output {out} already holds a finished export (pipeline/); pass --overwrite to replace it")
-    parent = out if out.exists() else next((p for p in out.absolute().parents if p.exists()), Path("/"))
-    require(os.access(parent, os.W_OK), f"--output {out}: {parent} is not writable")
-    return out
+    earlier = check_output(out, "distill", run.overwrite, resumable=bool(run.train.resume_from_checkpoint))
+    return out, (run_id_in(out) if earlier and not run.overwrite else None)
+
+
+def run_id_in(out: Path) -> str | None:
+    """The run id in a run folder's marker."""
+    return json.loads((out / OUTPUT_MARKER).read_text()).get("run_id")
+
+
+def claim_run_folder(out: Path, run: RunConfig) -> FolderLock:
+    """Lock ``out`` for this process, then (checked again under the lock) start it clean for a new run
+    (marker with a fresh run id) or keep it for a resumed one. Main process only."""
+    out.mkdir(parents=True, exist_ok=True)
+    lock = FolderLock(out).acquire()
+    try:
+        _, run_id = check_output_folder(run)
+        if run_id is None:
+            for name in RUN_ENTRIES:  # only an earlier run of ours gets here with entries (--overwrite)
+                p = out / name
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+            write_marker(out, "distill", run_id=new_run_id())
+    except BaseException:
+        lock.release()
+        raise
+    return lock
 
 
 def check_xformers(run: RunConfig) -> None:
@@ -73,7 +98,7 @@ def run_distill(run: RunConfig, dry_run: bool = False) -> dict:
     """Train, export, verify and document one student. Returns a summary dict (also saved as summary.json)."""
     spec = get_method(run.method)
     method_cfg = build_dataclass(spec.config_cls, run.method_args, f"--method {run.method} options")
-    out = check_output_folder(run)
+    out, run_id = check_output_folder(run)
     check_xformers(run)
     method = spec.method_cls(method_cfg, run)
     total = getattr(method, "total_steps", None)
@@ -86,19 +111,35 @@ def run_distill(run: RunConfig, dry_run: bool = False) -> dict:
         return {"config": resolved}
 
     accelerator = make_accelerator(run.train)
+    require(not (run.train.mixed_precision == "fp16" and accelerator.device.type == "cpu"),
+            "--mixed-precision fp16 needs a GPU (this run would train on the CPU); use bf16 or no")
+    for phase in method.phases:
+        require_adam_step_fits(method.learning_rate(phase, run.train.learning_rate), run.train.adam_beta1,
+                               f"the learning rate of phase {phase}")
     teacher = load_teacher(run.teacher, run.revision, run.variant, run.local_files_only,
                            device=accelerator.device, dtype=weight_dtype(run.train.mixed_precision))
     method.validate(teacher)
     dataset = build_dataset(run.data, teacher.image_size)
     require(len(dataset) > 0, f"--dataset {run.data.dataset}: no examples")
+    resolve_resume(run.train.resume_from_checkpoint, out / "checkpoints", run_id, warn=None)
 
     # Input is valid: from here on the output folder is written.
+    lock = claim_run_folder(out, run) if accelerator.is_main_process else None
+    try:
+        accelerator.wait_for_everyone()
+        return _train_and_export(run, method, teacher, dataset, out, resolved, accelerator)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train_and_export(run: RunConfig, method, teacher, dataset, out: Path, resolved: dict, accelerator) -> dict:
+    """The writing half of ``run_distill`` (the run folder is locked and marked)."""
     if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
         save_yaml(resolved, out / "config.yaml")
     accelerator.wait_for_everyone()
     t0 = time.time()
-    trainer = Trainer(run, method, teacher, out, dataset, accelerator=accelerator)
+    trainer = Trainer(run, method, teacher, out, dataset, accelerator=accelerator, run_id=run_id_in(out))
     result = trainer.fit()
     summary: dict = {"method": run.method, "teacher": run.teacher, "steps": run.steps,
                      "train_steps": result.steps, "stopped_by": result.stopped_by,

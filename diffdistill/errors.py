@@ -1,10 +1,29 @@
-"""User-facing errors: the CLI prints these as one line and exits with status 2, no traceback."""
+"""User-facing errors: the CLI prints these as one line, no traceback.
+
+Exit statuses: 2 for a usage error (``UserError``: bad input, found before anything is written),
+3 for a run that started and then failed (``RunFailed``: divergence, an unreadable file met mid-run;
+what was saved stays resumable), 128 + N for signal N.
+"""
 
 from __future__ import annotations
+
+USAGE_ERROR, RUN_FAILED = 2, 3
 
 
 class UserError(Exception):
     """Bad input from the user (a path, a flag value, a config field); the message names the bad value."""
+
+
+class RunFailed(Exception):
+    """A run failed after it started (one line naming the cause); its last good checkpoint stays resumable."""
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived outside the training loop (which saves a checkpoint instead); ``signum`` says which."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"terminated by signal {signum}")
+        self.signum = signum
 
 
 def require(condition: bool, message: str) -> None:

@@ -2,7 +2,8 @@
 
 ``DiffusionPipeline.from_pretrained(folder)(prompt, num_inference_steps=N)`` samples the student in
 a process that never imports diffdistill. Every export is written to a temporary folder, reloaded
-from disk and sampled once, and only then renamed into place: a failed export leaves nothing behind.
+from disk and sampled once, and only then renamed into place: a failed or interrupted (SIGINT/SIGTERM)
+export leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -84,17 +85,17 @@ def export_pipeline(teacher, unet, scheduler, folder: Path, steps: int, guidance
     # Every component is saved in float32 (training may hold the teacher's VAE and text encoder in half
     # precision): a folder of mixed dtypes fails in a plain StableDiffusionPipeline call.
     pipe = build_pipeline(teacher, unet, scheduler, dtype_of_teacher=False)
-    with quiet_loading():
-        pipe.save_pretrained(str(tmp), safe_serialization=True)
-    (tmp / EXPORT_INFO).write_text(json.dumps({**info, "num_inference_steps": steps,
-                                               "recommended_guidance_scale": guidance_scale,
-                                               "guidance_baked": baked}, indent=2) + "\n")
     try:
+        with quiet_loading():
+            pipe.save_pretrained(str(tmp), safe_serialization=True)
+        (tmp / EXPORT_INFO).write_text(json.dumps({**info, "num_inference_steps": steps,
+                                                   "recommended_guidance_scale": guidance_scale,
+                                                   "guidance_baked": baked}, indent=2) + "\n")
         verify_pipeline(tmp, prompt, steps, guidance_scale)
-    except Exception:
+        replace_dir(tmp, folder)
+    except BaseException:  # an error or a signal (Terminated, KeyboardInterrupt): no temporary folder stays
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    replace_dir(tmp, folder)
     return folder
 
 
@@ -106,9 +107,9 @@ def export_lora(teacher, lora_state: dict, folder: Path, scheduler, steps: int, 
     folder = Path(folder)
     tmp = folder.with_name(f".{folder.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    StableDiffusionPipeline.save_lora_weights(str(tmp), unet_lora_layers=lora_state, safe_serialization=True)
-    scheduler.save_pretrained(str(tmp / "scheduler"))
     try:
+        StableDiffusionPipeline.save_lora_weights(str(tmp), unet_lora_layers=lora_state, safe_serialization=True)
+        scheduler.save_pretrained(str(tmp / "scheduler"))
         # A fresh copy of the teacher from disk, exactly as a user would load it.
         with quiet_loading():
             pipe = StableDiffusionPipeline.from_pretrained(teacher.source, safety_checker=None,
@@ -120,10 +121,10 @@ def export_lora(teacher, lora_state: dict, folder: Path, scheduler, steps: int, 
                      generator=torch.Generator().manual_seed(0), output_type="pt").images
         if not torch.isfinite(image).all():
             raise RuntimeError(f"LoRA check failed: {folder} produced non-finite pixels")
-    except Exception:
+        replace_dir(tmp, folder)
+    except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    replace_dir(tmp, folder)
     return folder
 
 

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from .config import opt
+from .config import opt, require_seed
 from .errors import require
-from .fsutil import replace_dir
+from .fsutil import check_output, replace_dir, write_marker
 from .methods.score import (
     WEIGHTINGS,
     DifferentiableGenerator,
@@ -56,6 +56,7 @@ class SDSConfig:
         require(self.guidance_scale >= 0, f"--guidance-scale must be >= 0, got {self.guidance_scale}")
         check_timestep_range(self.t_min, self.t_max, self.t_max_end)
         require(self.weighting in WEIGHTINGS, f"--weighting must be one of {', '.join(WEIGHTINGS)}, got {self.weighting!r}")
+        require_seed(self.seed)
 
 
 def optimise(generator: DifferentiableGenerator, teacher, cond, uncond, cfg: SDSConfig, on_snapshot=None):
@@ -85,13 +86,10 @@ def optimise(generator: DifferentiableGenerator, teacher, cond, uncond, cfg: SDS
 
 def run_sds(cfg: SDSConfig) -> dict:
     """Load the teacher, optimise, decode and save result.png, progress.png and result.json."""
-    from .digits import caption_to_label
-    from .export import save_grid
     from .models import load_teacher
 
     out = Path(cfg.output)
-    require(cfg.overwrite or not (out / "result.png").exists(),
-            f"--output {out} already holds a result; pass --overwrite to replace it")
+    check_output(out, "sds", cfg.overwrite)
     teacher = load_teacher(cfg.teacher)
     torch.manual_seed(cfg.seed)
     cond = teacher.encode_prompts([cfg.prompt] * cfg.num_images)
@@ -101,9 +99,23 @@ def run_sds(cfg: SDSConfig) -> dict:
     snaps: list[torch.Tensor] = []
     latents = optimise(gen, teacher, cond, uncond, cfg, lambda i, x: snaps.append(teacher.decode_latents(x[:1])))
     images = (teacher.decode_latents(latents) + 1) / 2  # (N, 3, H, W) in [0, 1]
-    tmp = out.with_name(f".{out.name}.tmp")
+    tmp = out.absolute().with_name(f".{out.absolute().name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    try:
+        _write_result(tmp, images, snaps, cfg)
+        replace_dir(tmp, out)
+    except BaseException:  # an error or a signal: no half-written result stays behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return json.loads((out / "result.json").read_text())
+
+
+def _write_result(tmp: Path, images: torch.Tensor, snaps: list[torch.Tensor], cfg: SDSConfig) -> None:
+    """result.png, progress.png, result.json (with the digits classifier's verdict where it applies), marker."""
+    from .digits import caption_to_label
+    from .export import save_grid
+
     save_grid(images, tmp / "result.png", nrow=cfg.num_images)
     save_grid((torch.cat(snaps) + 1) / 2, tmp / "progress.png", nrow=len(snaps))
     result = {"prompt": cfg.prompt, "num_images": cfg.num_images, "iters": cfg.iters, "teacher": cfg.teacher}
@@ -117,5 +129,4 @@ def run_sds(cfg: SDSConfig) -> dict:
         result["predicted_digits"] = pred.tolist()
         result["accuracy"] = float((pred == label).float().mean())
     (tmp / "result.json").write_text(json.dumps(result, indent=2) + "\n")
-    replace_dir(tmp, out)
-    return result
+    write_marker(tmp, "sds")

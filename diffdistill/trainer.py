@@ -15,6 +15,7 @@ import json
 import math
 import shutil
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,17 +24,31 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
+from .checkpoint import (
+    CHECKPOINT_PREFIX,
+    STATE_FILE,
+    checkpoint_step,
+    file_manifest,
+    list_checkpoints,
+    new_run_id,
+    newest_valid_checkpoint,
+    read_state,
+    resolve_resume,
+)
 from .config import RunConfig
 from .data import collate
-from .errors import UserError, require
+from .errors import RunFailed, UserError, require
 from .fsutil import replace_dir
 from .methods.base import DistillMethod
 
-CHECKPOINT_PREFIX = "checkpoint-"
+__all__ = ["CHECKPOINT_PREFIX", "Trainer", "list_checkpoints", "resolve_resume"]
 
 
-class NonFiniteLossError(UserError):
-    """The loss became NaN/inf: the run stops, the last good checkpoint stays."""
+class NonFiniteError(RunFailed):
+    """The loss or the weights became NaN/inf: the run stops (exit status 3), the last good checkpoint stays."""
+
+
+NonFiniteLossError = NonFiniteError
 
 
 class TrainingInterrupted(Exception):
@@ -82,32 +97,6 @@ def peak_memory_mb(device: torch.device) -> tuple[float, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cpu_peak_rss"
 
 
-def list_checkpoints(folder: Path) -> list[Path]:
-    """Complete checkpoints in ``folder``, oldest first (temporary folders are never listed)."""
-    if not folder.is_dir():
-        return []
-    found = []
-    for p in folder.iterdir():
-        if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX) and p.name[len(CHECKPOINT_PREFIX):].isdigit():
-            if (p / "trainer_state.json").is_file():
-                found.append(p)
-    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
-
-
-def resolve_resume(spec: str, checkpoints_dir: Path) -> Path | None:
-    """'' -> None; 'latest' -> newest complete checkpoint or None; else the named folder (must be complete)."""
-    if not spec:
-        return None
-    if spec == "latest":
-        found = list_checkpoints(checkpoints_dir)
-        return found[-1] if found else None
-    p = Path(spec)
-    if not p.is_absolute() and not p.exists():
-        p = checkpoints_dir / spec
-    require(p.is_dir() and (p / "trainer_state.json").is_file(), f"--resume-from-checkpoint {spec}: not a complete checkpoint")
-    return p
-
-
 def _module_state(module: torch.nn.Module) -> tuple[dict[str, torch.Tensor], bool]:
     """The tensors a checkpoint keeps: only trainable ones when the module is partly frozen (LoRA)."""
     names = {n for n, p in module.named_parameters() if p.requires_grad}
@@ -126,16 +115,35 @@ def make_accelerator(cfg):
                        dynamo_backend="inductor" if cfg.torch_compile else "no")
 
 
+def read_checkpoint_file(f: Path, reader):
+    """``reader(f)``, with a one-line UserError naming ``f`` when the file cannot be read back."""
+    require(f.is_file(), f"checkpoint {f.parent} lacks {f.name}")
+    try:
+        return reader(f)
+    except Exception as e:  # noqa: BLE001 - safetensors, pickle and JSON readers raise many types
+        raise UserError(f"checkpoint file {f} is unreadable: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+
+
 def load_state_modules(path: Path, modules: dict[str, torch.nn.Module], unwrap=lambda m: m) -> None:
     """Load each module's weights from checkpoint ``path`` (strict, except partial LoRA-only saves)."""
-    state = json.loads((path / "trainer_state.json").read_text())
+    state = read_checkpoint_file(path / STATE_FILE, lambda f: json.loads(f.read_text()))
     for name, module in modules.items():
         f = path / f"model_{name}.safetensors"
-        require(f.is_file(), f"checkpoint {path} lacks {f.name}")
-        missing, unexpected = unwrap(module).load_state_dict(load_file(str(f)), strict=False)
+        weights = read_checkpoint_file(f, lambda f: load_file(str(f)))
+        missing, unexpected = unwrap(module).load_state_dict(weights, strict=False)
         require(not unexpected, f"checkpoint {path}: {f.name} has unexpected keys {unexpected[:3]}")
         if not state["modules"].get(name, {}).get("partial"):
             require(not missing, f"checkpoint {path}: {f.name} is missing keys {missing[:3]}")
+
+
+def rewrite_csv(path: Path, header: list[str], rows: list[dict]) -> None:
+    """Replace the CSV file ``path`` by ``header`` and ``rows`` (through a temporary file and a rename)."""
+    tmp = path.with_suffix(".csv.tmp")
+    with tmp.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=header)
+        w.writeheader()
+        w.writerows(rows)
+    tmp.replace(path)
 
 
 def save_ema_weights(params: list[torch.Tensor], file: Path) -> None:
@@ -148,7 +156,7 @@ def load_ema_into(path: Path, params: list[torch.nn.Parameter]) -> bool:
     f = path / "ema.safetensors"
     if not f.is_file():
         return False
-    shadow = load_file(str(f))
+    shadow = read_checkpoint_file(f, lambda f: load_file(str(f)))
     require(len(shadow) == len(params), f"checkpoint {path}: EMA holds {len(shadow)} tensors, model has {len(params)}")
     with torch.no_grad():
         for i, p in enumerate(params):
@@ -159,8 +167,10 @@ def load_ema_into(path: Path, params: list[torch.nn.Parameter]) -> bool:
 class Trainer:
     """Runs ``method`` for ``run.train.max_train_steps`` optimiser steps under accelerate."""
 
-    def __init__(self, run: RunConfig, method: DistillMethod, teacher, out: Path, dataset, accelerator=None):
+    def __init__(self, run: RunConfig, method: DistillMethod, teacher, out: Path, dataset, accelerator=None,
+                 run_id: str | None = None):
         self.run, self.cfg, self.method, self.teacher, self.out = run, run.train, method, teacher, out
+        self.run_id = run_id or new_run_id()  # every checkpoint carries it; resume and export check it
         self.dataset = dataset
         self.accelerator = accelerator or make_accelerator(self.cfg)
         self.checkpoints_dir = out / "checkpoints"
@@ -169,6 +179,7 @@ class Trainer:
         self.step = 0
         self.batches_seen = 0  # global count of micro-batches drawn, for exact data-order resume
         self.ema = None
+        self.saved_step: int | None = None  # step of this run's newest checkpoint on disk
 
     # ------------------------------------------------------------------ set-up
     def _setup(self) -> None:
@@ -240,15 +251,22 @@ class Trainer:
             loader = DataLoader(self.dataset, batch_sampler=index_batches, collate_fn=collate,
                                 num_workers=self.run.data.dataloader_num_workers,
                                 generator=torch.Generator().manual_seed(self.cfg.seed + epoch))
-            for batch in loader:
-                self.batches_seen += 1
-                yield batch
+            try:
+                for batch in loader:
+                    self.batches_seen += 1
+                    yield batch
+            except RunFailed as e:  # an unreadable image met mid-run (in a worker: its traceback text)
+                message = str(e).strip().splitlines()[-1].split(f"{type(e).__name__}: ", 1)[-1]
+                raise RunFailed(f"{message} (at step {self.step + 1}){self._last_good_note()}") from None
             epoch, offset = epoch + 1, 0
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path:
-        """Write checkpoint-<step> atomically: a temporary folder, renamed when complete."""
+        """Write checkpoint-<step> atomically: a temporary folder, flushed to disk, renamed when complete.
+
+        The weights are checked first: a checkpoint with a NaN/inf weight is never written."""
         acc = self.accelerator
+        self._check_weights()
         self.checkpoints_dir.mkdir(parents=True, exist_ok=True)
         final = self.checkpoints_dir / f"{CHECKPOINT_PREFIX}{self.step}"
         tmp = self.checkpoints_dir / f".tmp-{CHECKPOINT_PREFIX}{self.step}"
@@ -276,41 +294,50 @@ class Trainer:
                 save_ema_weights(self.ema.shadow_params, tmp / "ema.safetensors")
                 (tmp / "ema.json").write_text(json.dumps({"optimization_step": self.ema.optimization_step}))
             state = {"step": self.step, "batches_seen": self.batches_seen, "method": self.method.name,
-                     "num_processes": acc.num_processes, "modules": meta}
-            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))  # written last: marks completeness
+                     "num_processes": acc.num_processes, "modules": meta, "run_id": self.run_id,
+                     "files": file_manifest(tmp)}
+            (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))  # written last: marks completeness
             replace_dir(tmp, final)
             self._prune()
         acc.wait_for_everyone()
+        self.saved_step = self.step
         return final
 
     def _prune(self) -> None:
+        """Keep this run's newest ``checkpoints_total_limit`` checkpoints up to the current step; a checkpoint
+        another run wrote, or one beyond this step, is never counted nor removed."""
         limit = self.cfg.checkpoints_total_limit
         if limit:
-            for old in list_checkpoints(self.checkpoints_dir)[:-limit]:
+            ours = [p for p in list_checkpoints(self.checkpoints_dir)
+                    if checkpoint_step(p) <= self.step and (read_state(p) or {}).get("run_id") == self.run_id]
+            for old in ours[:-limit]:
                 shutil.rmtree(old, ignore_errors=True)
 
     def load_checkpoint(self, path: Path) -> None:
         """Restore weights, optimisers, LR schedules, EMA, RNG and data position from ``path``."""
         acc = self.accelerator
-        state = json.loads((path / "trainer_state.json").read_text())
+        state = read_checkpoint_file(path / STATE_FILE, lambda f: json.loads(f.read_text()))
         require(state.get("method") == self.method.name,
                 f"checkpoint {path} is from method {state.get('method')!r}, not {self.method.name!r}")
         load_state_modules(path, self.method.state_modules(), acc.unwrap_model)
         for phase, opt in self.optimizers.items():
-            opt.load_state_dict(torch.load(path / f"optimizer_{phase}.pt", map_location="cpu", weights_only=True))
-            sd = json.loads((path / f"lr_scheduler_{phase}.json").read_text())
+            opt.load_state_dict(read_checkpoint_file(path / f"optimizer_{phase}.pt", lambda f: torch.load(
+                f, map_location="cpu", weights_only=True)))
+            sd = read_checkpoint_file(path / f"lr_scheduler_{phase}.json", lambda f: json.loads(f.read_text()))
             self.lr_schedulers[phase].load_state_dict({**self.lr_schedulers[phase].state_dict(), **sd})
         if self.ema is not None and load_ema_into(path, self.ema.shadow_params):
-            self.ema.optimization_step = json.loads((path / "ema.json").read_text())["optimization_step"]
+            self.ema.optimization_step = read_checkpoint_file(
+                path / "ema.json", lambda f: json.loads(f.read_text()))["optimization_step"]
         rng_file = path / f"rng_{acc.process_index}.safetensors"
         if rng_file.is_file():
-            rng = load_file(str(rng_file))
+            rng = read_checkpoint_file(rng_file, lambda f: load_file(str(f)))
             torch.set_rng_state(rng["torch_cpu"])
             if torch.cuda.is_available():
                 cuda = [rng[k] for k in sorted(rng) if k.startswith("torch_cuda_")]
                 if len(cuda) == torch.cuda.device_count():
                     torch.cuda.set_rng_state_all(cuda)
         self.step, self.batches_seen = int(state["step"]), int(state["batches_seen"])
+        self.saved_step = self.step
         self.method.on_resume(self.step)
 
     # ------------------------------------------------------------------ validation and logs
@@ -377,12 +404,25 @@ class Trainer:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(str(self.out / "tensorboard"))
+                # purge_step drops events of steps a resumed run does again
+                self._tb = SummaryWriter(str(self.out / "tensorboard"), purge_step=self.step + 1 if self.step else None)
             except ImportError:
                 print("[diffdistill] tensorboard is not installed; logging to CSV only", flush=True)
                 kinds.add("csv")
         if "csv" in kinds:
             self._csv_path = self.out / "logs.csv"
+            self._drop_rows_after(self.step)
+
+    def _drop_rows_after(self, step: int) -> None:
+        """Remove logs.csv rows of steps after ``step`` (an interrupted run logged them; a resumed one redoes them)."""
+        if not self._csv_path.is_file():
+            return
+        with self._csv_path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            header, rows = reader.fieldnames, list(reader)
+        keep = [r for r in rows if not (r.get("step") or "").isdigit() or int(r["step"]) <= step]
+        if header is not None and len(keep) < len(rows):
+            rewrite_csv(self._csv_path, header, keep)
 
     def _log(self, row: dict) -> None:
         if not self.accelerator.is_main_process:
@@ -409,12 +449,7 @@ class Trainer:
         self._csv_file.close()
         old_rows = list(csv.DictReader(self._csv_path.open(newline="")))
         header = list(self._csv.fieldnames) + [k for k in row if k not in self._csv.fieldnames]
-        tmp = self._csv_path.with_suffix(".csv.tmp")
-        with tmp.open("w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=header)
-            w.writeheader()
-            w.writerows(old_rows)
-        tmp.replace(self._csv_path)
+        rewrite_csv(self._csv_path, header, old_rows)
         self._csv_file = self._csv_path.open("a", newline="")
         self._csv = csv.DictWriter(self._csv_file, fieldnames=header, extrasaction="ignore")
 
@@ -429,12 +464,14 @@ class Trainer:
         self._stop_signal = signum
 
     def fit(self) -> TrainResult:
-        """Train to ``max_train_steps`` (resuming if asked); returns timing and memory figures."""
+        """Train to ``max_train_steps`` (resuming from one of this run's whole checkpoints if asked); returns
+        timing and memory figures."""
         from tqdm.auto import tqdm
 
         acc, cfg = self.accelerator, self.cfg
         self._setup()
-        resume = resolve_resume(cfg.resume_from_checkpoint, self.checkpoints_dir)
+        resume = resolve_resume(cfg.resume_from_checkpoint, self.checkpoints_dir, self.run_id,
+                                warn=(lambda m: print(m, file=sys.stderr, flush=True)) if acc.is_main_process else None)
         if resume is not None:
             self.load_checkpoint(resume)
             acc.print(f"[diffdistill] resumed from {resume} at step {self.step}")
@@ -493,8 +530,7 @@ class Trainer:
                               "finishing the run here")
                     break
             self._export_stages(self.method.before_step(self.step))
-            final_ckpt = self.checkpoints_dir / f"{CHECKPOINT_PREFIX}{self.step}"
-            if not final_ckpt.exists():
+            if self.saved_step != self.step:  # this run's own final checkpoint, whatever else lies in the folder
                 self.save_checkpoint()
             self.save_validation_grid("final")
         finally:
@@ -522,14 +558,31 @@ class Trainer:
         total = torch.stack([p.detach().double().sum() for p in student.state_dict().values()]).sum()
         return self.accelerator.gather(total.reshape(1).to(self.accelerator.device)).cpu().tolist()
 
+    def _last_good_note(self) -> str:
+        """'; last good checkpoint: ...' (this run's newest whole one, to resume from), or that there is none."""
+        last = newest_valid_checkpoint(self.checkpoints_dir, self.run_id) if self.saved_step is not None else None
+        return f"; last good checkpoint: {last}" if last else "; no checkpoint was written yet"
+
     def _check_finite(self, loss: torch.Tensor, phase: str, logs: dict) -> None:
         if torch.isfinite(loss).all():
             return
         bad = [k for k, v in logs.items() if isinstance(v, float) and not math.isfinite(v)] or ["loss"]
-        last = list_checkpoints(self.checkpoints_dir)
-        keep = f"; last good checkpoint: {last[-1]}" if last else "; no checkpoint was written yet"
-        raise NonFiniteLossError(f"non-finite loss at step {self.step + 1} (phase {phase}, term {bad[0]} = "
-                                 f"{float(loss.detach().float().mean())}){keep}")
+        raise NonFiniteError(f"non-finite loss at step {self.step + 1} (phase {phase}, term {bad[0]} = "
+                             f"{float(loss.detach().float().mean())}){self._last_good_note()}")
+
+    def _check_weights(self) -> None:
+        """Raise NonFiniteError when a trained weight (or the student EMA) holds a NaN/inf: one host sync,
+        paid once per checkpoint. A diverged update shows up here even when no loss saw it yet."""
+        groups = {name: [p for p in self.accelerator.unwrap_model(m).parameters() if p.requires_grad]
+                  for name, m in self.method.state_modules().items()}
+        if self.ema is not None:
+            groups["student EMA"] = list(self.ema.shadow_params)
+        groups = {k: v for k, v in groups.items() if v}
+        finite = torch.stack([torch.stack([torch.isfinite(p).all() for p in ps]).all() for ps in groups.values()])
+        bad = [name for name, ok in zip(groups, finite.tolist()) if not ok]
+        if bad:
+            raise NonFiniteError(f"non-finite weights in {bad[0]} after step {self.step} (the optimiser step "
+                                 f"diverged: try a lower --learning-rate); not saved{self._last_good_note()}")
 
     def export_ema_weights(self):
         """Context manager: the student holds its EMA weights inside the block (no-op without EMA)."""

@@ -112,8 +112,35 @@ def _bad_cases(tiny_sd: str, tmp: Path):
     badyaml.write_text("train: [unclosed\n")
     unknown = tmp / "unknown.yaml"
     unknown.write_text("train:\n  learnin_rate: 1\n")
+    listed = tmp / "listed.yaml"
+    listed.write_text("train:\n  - 1\n  - 2\n")
+    folders = {}
+    for name, rows in {"nulltext": [{"file_name": "0.png", "text": None}],
+                       "dotdot": [{"file_name": "../afile.txt", "text": "a"}],
+                       "absolute": [{"file_name": str(afile), "text": "a"}],
+                       "corrupt": [{"file_name": "bad.png", "text": "a"}]}.items():
+        folders[name] = tmp / name
+        folders[name].mkdir(exist_ok=True)
+        (folders[name] / "bad.png").write_bytes(b"\x89PNG not really")
+        (folders[name] / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     d = ["distill", "--teacher", tiny_sd, "--max-train-steps", "1"]
-    return [
+    import torch
+
+    cpu_only = [([*d, "--mixed-precision", "fp16"], "fp16 needs a GPU")] if not torch.cuda.is_available() else []
+    return [*cpu_only,
+        ([*d, "--adam-beta1", "2"], "--adam-beta1"),
+        ([*d, "--adam-epsilon", "-1"], "--adam-epsilon"),
+        ([*d, "--seed", "-1"], "--seed"),
+        ([*d, "--seed", str(2**32)], "--seed"),
+        ([*d, "--recommended-guidance-scale", "inf"], "--recommended-guidance-scale"),
+        ([*d, "--learning-rate", "inf"], "--learning-rate"),
+        ([*d, "--learning-rate", "1e300"], "--learning-rate"),
+        ([*d, "--config", str(listed)], "'train:'"),
+        ([*d, "--dataset", str(folders["nulltext"])], "must be a string"),
+        ([*d, "--dataset", str(folders["dotdot"])], "outside"),
+        ([*d, "--dataset", str(folders["absolute"])], "outside"),
+        ([*d, "--dataset", str(folders["corrupt"])], "not a readable image"),
+        (["sds", "--prompt", "a", "--seed", "-1"], "--seed"),
         (["distill", "--teacher", str(tmp / "missing")], "not found"),
         (["distill", "--teacher", str(afile)], "is a file"),
         (["distill", "--teacher", str(notpipe)], "model_index.json"),
@@ -147,6 +174,8 @@ def _bad_cases(tiny_sd: str, tmp: Path):
 
 
 def test_bad_invocations_fail_with_one_line_and_write_nothing(tiny_sd, tmp_path, capsys, monkeypatch):
+    from accelerate.state import AcceleratorState
+
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)
@@ -159,6 +188,7 @@ def test_bad_invocations_fail_with_one_line_and_write_nothing(tiny_sd, tmp_path,
             code = main(argv)
         except SystemExit as e:  # argparse's own errors (also one line: OneLineParser)
             code = e.code
+        AcceleratorState._reset_state(True)  # one process per invocation in real use (the fp16 case sets it)
         err = capsys.readouterr().err.strip()
         assert code != 0, argv
         assert "Traceback" not in err, argv

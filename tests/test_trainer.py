@@ -85,12 +85,13 @@ def test_sigkill_then_resume_is_bit_exact(tiny_sd, tmp_path):
 def test_half_written_checkpoint_is_never_resumed(tmp_path):
     ck = tmp_path / "checkpoints"
     (ck / "checkpoint-2").mkdir(parents=True)
-    (ck / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    state = {"step": 2, "batches_seen": 2, "method": "lcm", "modules": {}, "run_id": "r", "files": {}}
+    (ck / "checkpoint-2" / "trainer_state.json").write_text(json.dumps(state))
     (ck / ".tmp-checkpoint-4").mkdir()  # a crash while writing step 4
     (ck / "checkpoint-6").mkdir()  # no trainer_state.json: incomplete
     assert [p.name for p in list_checkpoints(ck)] == ["checkpoint-2"]
-    assert resolve_resume("latest", ck).name == "checkpoint-2"
-    assert resolve_resume("", ck) is None
+    assert resolve_resume("latest", ck, "r").name == "checkpoint-2"
+    assert resolve_resume("", ck, "r") is None
 
 
 @pytest.mark.slow
