@@ -44,7 +44,7 @@ def build_teacher(folder: Path, tiny: bool) -> None:
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from diffdistill.digits_sd import build_scheduler, build_tokenizer
+    from diffdistill.tiny_pipelines import build_scheduler, build_tokenizer
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**(TINY_UNET if tiny else SD15_UNET))

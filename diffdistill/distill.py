@@ -20,9 +20,9 @@ from .config import RunConfig, build_dataclass, require_adam_step_fits, save_yam
 from .data import build_dataset
 from .errors import require
 from .export import EXPORT_INFO, export_lora, export_pipeline, write_model_card
-from .fsutil import OUTPUT_MARKER, FolderLock, check_output, write_marker
 from .methods import get_method
-from .models import load_teacher
+from .outputs import OUTPUT_MARKER, FolderLock, check_output, write_marker
+from .teachers import load_teacher
 from .trainer import Trainer, list_checkpoints, make_accelerator
 
 # What a run writes into its folder: --overwrite removes exactly these (a user's other files stay).

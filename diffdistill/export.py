@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from .fsutil import replace_dir
 from .loading import quiet_loading
+from .outputs import replace_dir
 
 EXPORT_INFO = "diffdistill.json"
 
@@ -74,7 +74,7 @@ def export_pipeline(teacher, unet, scheduler, folder: Path, steps: int, guidance
     ``info`` (method, steps, guidance, ...) is stored as ``diffdistill.json`` beside model_index.json.
     A UNet without a guidance embedding is saved with an inert one (``with_inert_guidance_embedding``).
     """
-    from .models import guidance_is_baked, with_inert_guidance_embedding
+    from .students import guidance_is_baked, with_inert_guidance_embedding
 
     folder = Path(folder)
     tmp = folder.with_name(f".{folder.name}.tmp")

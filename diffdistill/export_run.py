@@ -9,9 +9,9 @@ from .checkpoint import STATE_FILE, resolve_resume
 from .config import build_dataclass, build_run_config, load_yaml
 from .errors import require
 from .export import export_pipeline
-from .fsutil import OUTPUT_MARKER, check_output, marker_command
 from .methods import get_method
-from .models import load_teacher
+from .outputs import OUTPUT_MARKER, check_output, marker_command
+from .teachers import load_teacher
 from .trainer import load_ema_into, load_state_modules, read_checkpoint_file
 
 

@@ -1,6 +1,7 @@
 """Feature plumbing shared by the methods that look inside networks: forward-hook taps, the projection
-heads that classify tapped features, the attention-processor swap that double backward needs, and the
-frozen feature networks of ADD/LADD's discriminator.
+heads that classify tapped features, the attention-processor swap that double backward needs, the
+frozen feature networks of ADD/LADD's discriminator, and ``frozen``: a generator's loss read through a critic
+without training the critic.
 
 ADD taps the frozen teacher's down and mid blocks, DMD2's GAN head taps the fake score network's mid
 block, and feature knowledge distillation taps matching blocks of teacher and student: all through
@@ -9,6 +10,7 @@ block, and feature knowledge distillation taps matching blocks of teacher and st
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Iterable
 from pathlib import Path
@@ -22,6 +24,24 @@ from .errors import UserError, require
 def first_output(output):
     """The tensor a block returns: diffusers' down blocks return (hidden, residuals), others a tensor."""
     return output[0] if isinstance(output, tuple) else output
+
+
+@contextlib.contextmanager
+def frozen(*modules: torch.nn.Module):
+    """Parameters of ``modules`` do not require grad inside the block, and get their flags back after.
+
+    A graph built inside still carries gradients *through* the modules (to their inputs) but records
+    none *for* their parameters, so a later backward leaves them untouched: a generator's loss read
+    through its critic."""
+    params = [p for m in modules for p in m.parameters()]
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, f in zip(params, flags):
+            p.requires_grad_(f)
 
 
 class FeatureTaps:

@@ -16,7 +16,6 @@ import torch
 
 from .config import opt, require_seed
 from .errors import require
-from .fsutil import check_output, replace_dir, write_marker
 from .methods.score import (
     WEIGHTINGS,
     DifferentiableGenerator,
@@ -26,6 +25,7 @@ from .methods.score import (
     sample_timesteps,
     sds_gradient,
 )
+from .outputs import check_output, replace_dir, write_marker
 
 
 @dataclass
@@ -86,7 +86,7 @@ def optimise(generator: DifferentiableGenerator, teacher, cond, uncond, cfg: SDS
 
 def run_sds(cfg: SDSConfig) -> dict:
     """Load the teacher, optimise, decode and save result.png, progress.png and result.json."""
-    from .models import load_teacher
+    from .teachers import load_teacher
 
     out = Path(cfg.output)
     check_output(out, "sds", cfg.overwrite)

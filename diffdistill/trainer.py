@@ -38,8 +38,8 @@ from .checkpoint import (
 from .config import RunConfig
 from .data import collate
 from .errors import RunFailed, UserError, require
-from .fsutil import replace_dir
 from .methods.base import DistillMethod
+from .outputs import replace_dir
 
 __all__ = ["CHECKPOINT_PREFIX", "Trainer", "list_checkpoints", "resolve_resume"]
 

@@ -13,7 +13,7 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
 def _save_tiny(folder, prediction_type="epsilon", seed=0):
-    from diffdistill.digits_sd import build_pipeline
+    from diffdistill.tiny_pipelines import build_pipeline
 
     pipe = build_pipeline(seed=seed, prediction_type=prediction_type)
     pipe.save_pretrained(str(folder), safe_serialization=True)

@@ -29,7 +29,7 @@ def test_hinge_loss_identities():
 
 def test_student_grid_and_export_preset_agree(tiny_sd):
     from diffdistill.methods.adversarial import AdversarialDistillation
-    from diffdistill.models import load_teacher
+    from diffdistill.teachers import load_teacher
 
     assert lcm_grid(1000, 4).tolist() == [249, 499, 749, 999]
     teacher = load_teacher(tiny_sd)
@@ -83,7 +83,7 @@ def test_pure_noise_at_the_top_student_timestep():
 def test_few_steps_train_heads_not_feature_network(tiny_sd, tmp_path):
     from diffdistill.data import build_dataset
     from diffdistill.methods import get_method
-    from diffdistill.models import load_teacher
+    from diffdistill.teachers import load_teacher
     from diffdistill.trainer import Trainer
 
     # with the optional regression term: a pool of 3 teacher pairs, 2 added per generator step

@@ -14,8 +14,8 @@ from diffdistill.methods.consistency import (
     consistency_distance,
     consistency_loss,
 )
-from diffdistill.models import load_teacher
 from diffdistill.solvers import ddim_step, lcm_grid
+from diffdistill.teachers import load_teacher
 
 
 def _method(teacher_path, **kw):
@@ -207,7 +207,7 @@ def test_export_from_a_half_precision_teacher_is_float32_and_loads(tiny_sd, tmp_
     from safetensors.torch import load_file
 
     from diffdistill.export import export_pipeline
-    from diffdistill.models import GUIDANCE_EMBED_DIM, student_from_teacher
+    from diffdistill.students import GUIDANCE_EMBED_DIM, student_from_teacher
 
     teacher = load_teacher(tiny_sd, dtype=torch.bfloat16)
     student = student_from_teacher(teacher.unet, GUIDANCE_EMBED_DIM)

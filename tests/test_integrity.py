@@ -24,7 +24,7 @@ from diffdistill.checkpoint import list_checkpoints, read_state, resolve_resume
 from diffdistill.cli import main
 from diffdistill.config import build_run_config
 from diffdistill.errors import RunFailed, UserError
-from diffdistill.fsutil import LOCK_FILE, FolderLock
+from diffdistill.outputs import LOCK_FILE, FolderLock
 
 RUN = ["--method", "lcm", "--max-train-steps", "3", "--batch-size", "2", "--checkpointing-steps", "1",
        "--checkpoints-total-limit", "0", "--validation-steps", "0", "--benchmark-samples", "0", "--steps", "2",
@@ -60,7 +60,7 @@ def _snapshot(folder: Path) -> dict:
 def _trainer(tiny_sd, out, run_id=None, **kw):
     from diffdistill.data import build_dataset
     from diffdistill.methods import get_method
-    from diffdistill.models import load_teacher
+    from diffdistill.teachers import load_teacher
     from diffdistill.trainer import Trainer
 
     values = {"teacher": tiny_sd, "output": str(out), "max_train_steps": 4, "batch_size": 2, "validation_steps": 0,
@@ -191,18 +191,18 @@ def test_corrupt_checkpoints_are_skipped_with_a_warning_or_refused_naming_the_fi
 
 
 def test_checkpoint_files_are_flushed_before_the_rename(tmp_path, monkeypatch):
-    import diffdistill.fsutil as fsutil
+    import diffdistill.outputs as outputs
 
     events: list[tuple[str, str]] = []
-    real_fsync, real_rename = fsutil.fsync_path, Path.rename
-    monkeypatch.setattr(fsutil, "fsync_path", lambda p: events.append(("fsync", str(p))) or real_fsync(p))
+    real_fsync, real_rename = outputs.fsync_path, Path.rename
+    monkeypatch.setattr(outputs, "fsync_path", lambda p: events.append(("fsync", str(p))) or real_fsync(p))
     monkeypatch.setattr(Path, "rename", lambda self, t: events.append(("rename", str(self))) or real_rename(self, t))
     tmp = tmp_path / ".tmp-checkpoint-2"
     (tmp / "sub").mkdir(parents=True)
     (tmp / "model.safetensors").write_bytes(b"w" * 100)
     (tmp / "sub" / "rng").write_bytes(b"r")
     (tmp_path / "checkpoint-2").mkdir()  # an older copy, replaced
-    fsutil.replace_dir(tmp, tmp_path / "checkpoint-2")
+    outputs.replace_dir(tmp, tmp_path / "checkpoint-2")
     renamed = events.index(("rename", str(tmp)))
     flushed = {p for kind, p in events[:renamed] if kind == "fsync"}
     assert {str(tmp / "model.safetensors"), str(tmp / "sub" / "rng"), str(tmp / "sub"), str(tmp)} <= flushed
@@ -215,7 +215,7 @@ def test_checkpoint_files_are_flushed_before_the_rename(tmp_path, monkeypatch):
 def test_a_second_run_into_a_locked_folder_names_the_first_ones_pid(tiny_sd, tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
-    code = "import sys, time; from diffdistill.fsutil import FolderLock; FolderLock(sys.argv[1]).acquire(); " \
+    code = "import sys, time; from diffdistill.outputs import FolderLock; FolderLock(sys.argv[1]).acquire(); " \
            "print('locked', flush=True); time.sleep(120)"
     holder = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True)
     try:

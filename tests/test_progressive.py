@@ -37,7 +37,7 @@ def test_halving_plan_and_bad_targets():
 
 @pytest.mark.parametrize("pt", ["epsilon", "v_prediction"])
 def test_exported_scheduler_visits_exactly_the_training_grid_of_every_stage(pt, tiny_sd, tiny_sd_v):
-    from diffdistill.models import load_teacher
+    from diffdistill.teachers import load_teacher
 
     teacher = load_teacher(tiny_sd if pt == "epsilon" else tiny_sd_v)
     method = ProgressiveDistillation(ProgressiveConfig(start_steps=64), RunConfig(output="x", steps=1))
@@ -56,7 +56,7 @@ def test_exported_scheduler_visits_exactly_the_training_grid_of_every_stage(pt, 
 
 def test_exported_euler_step_equals_the_trained_ddim_step(tiny_sd):
     """The student is trained on DDIM steps t_j -> t_(j+1); the exported Euler preset must take the same step."""
-    from diffdistill.models import load_teacher
+    from diffdistill.teachers import load_teacher
 
     teacher = load_teacher(tiny_sd)
     method = ProgressiveDistillation(ProgressiveConfig(start_steps=32), RunConfig(output="x", steps=2))
@@ -152,7 +152,7 @@ def test_resume_mid_stage_is_exact(tiny_sd, tmp_path):
 
     from diffdistill.data import build_dataset
     from diffdistill.methods import get_method
-    from diffdistill.models import load_teacher
+    from diffdistill.teachers import load_teacher
     from diffdistill.trainer import Trainer, TrainingInterrupted, list_checkpoints
 
     def trainer_for(out, stop_after=None, resume=""):

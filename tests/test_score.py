@@ -24,7 +24,7 @@ from diffdistill.methods.score import (
 
 def test_injected_gradient_equals_the_sds_formula(tiny_sd):
     """d/dx of the injected loss must be w(t) (eps_hat(x_t) - eps) and nothing flows into the teacher."""
-    from diffdistill.models import load_teacher
+    from diffdistill.teachers import load_teacher
 
     teacher = load_teacher(tiny_sd)
     den = teacher.denoiser()
@@ -61,7 +61,7 @@ def test_sds_weightings():
 
 def test_dmd_gradient_vanishes_when_fake_equals_real(tiny_sd):
     """If the fake score equals the (unguided) teacher, generator and teacher distributions match: no update."""
-    from diffdistill.models import load_teacher
+    from diffdistill.teachers import load_teacher
 
     teacher = load_teacher(tiny_sd)
     den = teacher.denoiser()
@@ -190,7 +190,7 @@ def test_dmd2_gan_term_trains_the_head_and_leaves_the_critic_alone_in_the_genera
 
     from diffdistill.data import build_dataset
     from diffdistill.methods import get_method
-    from diffdistill.models import load_teacher
+    from diffdistill.teachers import load_teacher
     from diffdistill.trainer import Trainer
 
     run = _run(tiny_sd, tmp_path, "dmd", gan_weight=0.5, max_train_steps=2)

@@ -115,7 +115,7 @@ def test_sigint_saves_a_checkpoint_and_exits_cleanly(tiny_sd, tmp_path):
 def test_non_finite_loss_stops_with_one_line_and_keeps_last_checkpoint(tiny_sd, tmp_path):
     from diffdistill.data import build_dataset
     from diffdistill.methods import get_method
-    from diffdistill.models import load_teacher
+    from diffdistill.teachers import load_teacher
     from diffdistill.trainer import NonFiniteLossError, Trainer
 
     run = build_run_config({}, {"teacher": tiny_sd, "output": str(tmp_path), "max_train_steps": 6, "batch_size": 2,
@@ -165,7 +165,7 @@ def test_two_process_ddp_ranks_stay_identical(tiny_sd, tmp_path):
 def _trainer(tiny_sd, out, **kw):
     from diffdistill.data import build_dataset
     from diffdistill.methods import get_method
-    from diffdistill.models import load_teacher
+    from diffdistill.teachers import load_teacher
     from diffdistill.trainer import Trainer
 
     values = {"teacher": tiny_sd, "output": str(out), "max_train_steps": 4, "batch_size": 2, "validation_steps": 0,
@@ -213,7 +213,7 @@ def test_max_train_minutes_ends_the_run_early_with_a_final_checkpoint(tiny_sd, t
 
 def test_frozen_carries_gradients_through_a_module_but_not_into_it():
     """A loss built inside ``frozen(m)`` back-propagates to m's input only; m's flags come back as they were."""
-    from diffdistill.models import frozen
+    from diffdistill.features import frozen
 
     m = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 1))
     m[1].bias.requires_grad_(False)  # a flag that was off stays off

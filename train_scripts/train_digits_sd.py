@@ -29,7 +29,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from diffdistill.digits import DIGIT_PROMPTS, load_digits_32  # noqa: E402
-from diffdistill.digits_sd import (  # noqa: E402
+from diffdistill.tiny_pipelines import (  # noqa: E402
     build_scheduler,
     build_text_encoder,
     build_tokenizer,

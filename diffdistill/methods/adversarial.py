@@ -27,9 +27,9 @@ import torch.nn.functional as F
 from ..config import RunConfig, opt
 from ..denoiser import TIMESTEP_SCALING, Denoiser, consistency_output, one_step_sample
 from ..errors import require, require_at_least
-from ..features import FeatureHead, ImageFeatureNetwork, TeacherFeatureNetwork, use_classic_attention
-from ..models import frozen, student_from_teacher
+from ..features import FeatureHead, ImageFeatureNetwork, TeacherFeatureNetwork, frozen, use_classic_attention
 from ..solvers import lcm_grid, lcm_scheduler
+from ..students import student_from_teacher
 from .base import DistillMethod
 from .regression import RegressionOptions, RegressionPool, regression_loss
 

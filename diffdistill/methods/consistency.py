@@ -26,8 +26,8 @@ import torch
 from ..config import RunConfig, opt
 from ..denoiser import TIMESTEP_SCALING, Denoiser, consistency_output
 from ..errors import require
-from ..models import GUIDANCE_EMBED_DIM, student_from_teacher
 from ..solvers import SOLVERS, get_solver, lcm_grid, lcm_scheduler
+from ..students import GUIDANCE_EMBED_DIM, student_from_teacher
 from .base import DistillMethod, trained_guidance_scale
 
 LOSS_TYPES = ("l2", "huber")

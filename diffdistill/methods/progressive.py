@@ -29,8 +29,8 @@ import torch
 from ..config import RunConfig, opt
 from ..denoiser import Denoiser, NoiseSchedule
 from ..errors import UserError, require
-from ..models import GUIDANCE_EMBED_DIM, student_from_teacher
 from ..solvers import ddim_step, trailing_grid
+from ..students import GUIDANCE_EMBED_DIM, student_from_teacher
 from .base import DistillMethod, trained_guidance_scale
 
 

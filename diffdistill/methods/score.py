@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from ..config import RunConfig, opt
 from ..denoiser import TIMESTEP_SCALING, Denoiser, one_step_sample
 from ..errors import require, require_at_least
-from ..features import FeatureHead, FeatureTaps, unet_stage_modules
-from ..models import frozen, student_from_teacher
+from ..features import FeatureHead, FeatureTaps, frozen, unet_stage_modules
 from ..solvers import lcm_scheduler
+from ..students import student_from_teacher
 from .base import DistillMethod
 from .regression import RegressionOptions, RegressionPool, regression_loss
 

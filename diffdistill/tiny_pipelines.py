@@ -1,4 +1,4 @@
-"""digits-SD's architecture: the tiny Stable Diffusion parts that ``train_scripts/train_digits_sd.py`` trains.
+"""Tiny Stable Diffusion pipelines: digits-SD's architecture, which ``train_scripts/train_digits_sd.py`` trains.
 
 A tiny AutoencoderKL (3x32x32 <-> 4x8x8), a CLIP tokenizer over a 13-word vocabulary, a tiny frozen
 CLIPTextModel, a UNet2DConditionModel and SD 1.5's noise schedule. Tests build random-weight copies

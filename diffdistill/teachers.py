@@ -1,8 +1,7 @@
-"""Loading teachers and building students: diffusers Stable Diffusion pipelines in, UNets out."""
+"""Teachers: loading a frozen Stable Diffusion pipeline, encoding prompts and images, sampling it."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 from dataclasses import dataclass, field
@@ -20,9 +19,6 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # Distinct prompts whose embeddings a Teacher keeps (digits-SD has 11; web caption sets are not cached).
 PROMPT_CACHE_SIZE = 4096
 
-# Width of the guidance embedding given to guidance-distilled students (LCM and SD-Turbo style).
-GUIDANCE_EMBED_DIM = 256
-
 
 def check_teacher_folder(path: str | Path) -> dict:
     """model_index.json of a local Stable Diffusion pipeline folder, or a one-line UserError."""
@@ -31,24 +27,6 @@ def check_teacher_folder(path: str | Path) -> dict:
     require(cls in SUPPORTED_PIPELINES,
             f"teacher {path} is a {cls or 'unknown'} pipeline; supported: {', '.join(SUPPORTED_PIPELINES)}")
     return info
-
-
-@contextlib.contextmanager
-def frozen(*modules: torch.nn.Module):
-    """Parameters of ``modules`` do not require grad inside the block, and get their flags back after.
-
-    A graph built inside still carries gradients *through* the modules (to their inputs) but records
-    none *for* their parameters, so a later backward leaves them untouched: a generator's loss read
-    through its critic."""
-    params = [p for m in modules for p in m.parameters()]
-    flags = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, f in zip(params, flags):
-            p.requires_grad_(f)
 
 
 @dataclass
@@ -179,47 +157,3 @@ def load_teacher(source: str, revision: str = "", variant: str = "", local_files
     ddpm = DDPMScheduler.from_config(pipe.scheduler.config)
     schedule = NoiseSchedule.from_scheduler(ddpm, final_alphas_cumprod=float(ddpm.alphas_cumprod[0]))
     return Teacher(pipe=pipe, schedule=schedule, prediction_type=scheduler_prediction_type(pipe.scheduler), source=source)
-
-
-def student_from_teacher(teacher_unet, time_cond_proj_dim: int | None = None):
-    """A trainable copy of the teacher UNet; with ``time_cond_proj_dim`` it gains a guidance embedding.
-
-    The new ``cond_proj`` layer is zero-initialised, so the student starts out as exactly the teacher.
-    """
-    from diffusers import UNet2DConditionModel
-
-    config = dict(teacher_unet.config)
-    if time_cond_proj_dim is not None:
-        config["time_cond_proj_dim"] = time_cond_proj_dim
-    with quiet_loading():
-        student = UNet2DConditionModel.from_config(config)
-    missing, unexpected = student.load_state_dict(teacher_unet.state_dict(), strict=False)
-    allowed = {"time_embedding.cond_proj.weight"}
-    require(not unexpected and set(missing) <= allowed,
-            f"teacher UNet does not match its own config (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    if student.time_embedding.cond_proj is not None and "time_embedding.cond_proj.weight" in missing:
-        torch.nn.init.zeros_(student.time_embedding.cond_proj.weight)
-    with quiet_loading():
-        student.to(device=teacher_unet.device, dtype=torch.float32)
-    student.train()
-    student.requires_grad_(True)
-    return student
-
-
-def with_inert_guidance_embedding(unet):
-    """``unet`` itself if it has a guidance embedding, else an equal copy with one that has no effect.
-
-    StableDiffusionPipeline skips its unconditional pass for a UNet with ``time_cond_proj_dim``; a student
-    whose guidance is baked into its weights (ADD, DMD, LCM-LoRA fused, ...) then gives the same images in
-    one pass per step at any ``guidance_scale``, diffusers' default 7.5 included, instead of being guided
-    a second time. The added ``cond_proj`` is zero, so the outputs are exactly the student's.
-    """
-    if unet.config.time_cond_proj_dim is not None:
-        return unet
-    return student_from_teacher(unet, GUIDANCE_EMBED_DIM).eval().requires_grad_(False)
-
-
-def guidance_is_baked(unet) -> bool:
-    """True when the UNet's guidance embedding is absent or all zero: ``guidance_scale`` cannot change its output."""
-    proj = getattr(unet.time_embedding, "cond_proj", None)
-    return proj is None or not bool(proj.weight.detach().abs().max() > 0)
