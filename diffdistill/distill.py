@@ -101,7 +101,7 @@ def run_distill(run: RunConfig, dry_run: bool = False) -> dict:
     out, run_id = check_output_folder(run)
     check_xformers(run)
     method = spec.method_cls(method_cfg, run)
-    total = getattr(method, "total_steps", None)
+    total = method.total_steps()
     if total is not None and total != run.train.max_train_steps:
         # Staged methods own their length (sum of their stages); the saved config records it.
         run.train.max_train_steps = total

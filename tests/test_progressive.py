@@ -161,7 +161,7 @@ def test_resume_mid_stage_is_exact(tiny_sd, tmp_path):
                         lr_scheduler="linear", lr_warmup_steps=1)
         spec = get_method("progressive")
         method = spec.method_cls(spec.config_cls(**run.method_args), run)
-        run.train.max_train_steps = method.total_steps
+        run.train.max_train_steps = method.total_steps()
         tr = Trainer(run, method, load_teacher(tiny_sd), out, build_dataset(run.data, 32), run_id="one-run")
         if stop_after is not None:
             real = method.loss

@@ -1,7 +1,7 @@
 """What every distillation method gives the shared trainer, and nothing more.
 
 A method owns its maths (pure loss functions in its own file) and the modules it trains; the trainer
-(``trainer.py``), the run (``distill.py``) and the export of a checkpoint (``export_run.py``) own the loop,
+(``trainer.py``), the run (``distill.py``) and the export (``export.py``, ``export_run.py``) own the loop,
 the files and the devices. This is the complete list of what they read or call on a method; anything else
 on a method is its own business.
 
@@ -18,6 +18,8 @@ Set-up (before the first file is written, then before training)
                                               phase -> module, handed to accelerate and given back wrapped
 * ``parameters(phase)``, ``learning_rate(phase, default)``, ``lr_segments()``
                                               one optimiser and LR schedule per phase
+* ``total_steps()``                           the run's length when the method fixes it (progressive: the
+                                              sum of its stages), else None (--max-train-steps)
 
 The step
 * ``before_step(step)``                       stage changes (progressive halving); returns finished stages
@@ -104,6 +106,11 @@ class DistillMethod:
         (progressive distillation); stage changes happen here, inside the one training loop.
         """
         return []
+
+    def total_steps(self) -> int | None:
+        """Optimiser steps the method needs in all, when it decides the run's length (replaces
+        --max-train-steps); None: --max-train-steps decides."""
+        return None
 
     def lr_segments(self) -> list[tuple[int, int]] | None:
         """(first step, length) of the spans on which the LR schedule starts over (warm-up included);

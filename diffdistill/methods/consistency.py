@@ -123,6 +123,10 @@ def consistency_loss(student: Denoiser, teacher: Denoiser, batch: dict, cfg: Con
 @torch.no_grad()
 def ema_update(target: torch.nn.Module, online: torch.nn.Module, decay: float) -> None:
     """target <- decay * target + (1 - decay) * online, parameter by parameter."""
+    # Not diffusers' EMAModel (which the trainer uses for --student-ema-decay): EMAModel warms its decay up as
+    # min(decay, n / (n + 9)) at its n-th update, so the target would follow the student more closely over the
+    # first updates and every trained LCM would change. The consistency target keeps the constant decay of the
+    # LCM recipe (--ema-decay, 0.95) from the first step.
     for pt, po in zip(target.parameters(), online.parameters()):
         pt.lerp_(po.detach().to(pt.dtype), 1.0 - decay)
 

@@ -177,12 +177,16 @@ class ProgressiveDistillation(DistillMethod):
         for n in plan:
             self.stages.append(Stage(len(self.stages), "halve", n, it, cfg.iters_per_stage))
             it += cfg.iters_per_stage
-        self.total_steps = it
+        self._total_steps = it
         self.current: Stage | None = None
         self.stage_teacher = None
 
     def default_guidance_scale(self) -> float:
         return trained_guidance_scale(self.cfg)
+
+    def total_steps(self) -> int:
+        """The guidance stage plus every halving stage: the run's length, whatever --max-train-steps says."""
+        return self._total_steps
 
     def setup(self, teacher) -> None:
         self.teacher = teacher
@@ -197,7 +201,7 @@ class ProgressiveDistillation(DistillMethod):
 
     def before_step(self, step: int) -> list[dict]:
         finished = []
-        new = self.stage_at(step) if step < self.total_steps else None
+        new = self.stage_at(step) if step < self._total_steps else None
         if self.current is not None and new is not self.current:
             finished.append(self._stage_export(self.current))
         if new is not None and new is not self.current:
