@@ -1,19 +1,36 @@
-"""Which checkpoints to trust: the run that wrote them (a run id) and whether they are whole (a file manifest).
+"""The on-disk checkpoint format: what a checkpoint holds, how it is written atomically and read back
+exactly, and which checkpoints to trust.
 
-A checkpoint folder ``checkpoint-<step>`` ends with ``trainer_state.json`` (written last), which names the
-run id of the run folder that wrote it and the size of every other file in it. ``checkpoint_problem`` checks
-both without loading any tensor, so ``latest`` never picks a truncated, half-synced or foreign checkpoint.
+A checkpoint folder ``checkpoint-<step>`` holds
+
+* ``model_<name>.safetensors``      each state module's weights (only the trainable tensors of a partly
+                                    frozen module, e.g. a LoRA: ``"partial"`` in the state file)
+* ``optimizer_<phase>.pt``           AdamW state (plain tensors and numbers; read with ``weights_only=True``)
+* ``lr_scheduler_<phase>.json``      the LR schedule's position
+* ``ema.safetensors`` + ``ema.json`` the trainer's student EMA (``shadow_<i>`` tensors) and its step count
+* ``rng_<rank>.safetensors``         every rank's torch RNG states
+* ``trainer_state.json``             written last: step, data position, method, module metadata, the run id
+                                    of the run folder that wrote it and the size of every other file
+
+It is written into a temporary folder, flushed to disk and renamed (``outputs.replace_dir``).
+``checkpoint_problem`` checks the run id and the sizes without loading any tensor, so ``latest`` never picks a
+truncated, half-synced or foreign checkpoint.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from .errors import require
+import torch
+from safetensors.torch import load_file, save_file
+
+from .errors import UserError, require
+from .outputs import replace_dir
 
 CHECKPOINT_PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"
@@ -114,3 +131,135 @@ def resolve_resume(spec: str, checkpoints_dir: Path, run_id: str | None,
     problem = checkpoint_problem(p, run_id)
     require(problem is None, f"checkpoint {spec}: {problem}")
     return p
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Writing and reading the format
+# ---------------------------------------------------------------------------------------------------------
+
+def checkpoint_folders(checkpoints_dir: Path, step: int) -> tuple[Path, Path]:
+    """(final, temporary) folder of the checkpoint of ``step``; the temporary one is never listed."""
+    return checkpoints_dir / f"{CHECKPOINT_PREFIX}{step}", checkpoints_dir / f".tmp-{CHECKPOINT_PREFIX}{step}"
+
+
+def start_checkpoint(tmp: Path) -> None:
+    """An empty temporary folder for a checkpoint being written (a leftover of an interrupted save is removed)."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+
+
+def module_state(module: torch.nn.Module) -> tuple[dict[str, torch.Tensor], bool]:
+    """The tensors a checkpoint keeps: only trainable ones when the module is partly frozen (LoRA)."""
+    names = {n for n, p in module.named_parameters() if p.requires_grad}
+    state = module.state_dict()
+    partial = 0 < len(names) < len(list(module.parameters()))
+    if partial:
+        state = {k: v for k, v in state.items() if k in names}
+    return {k: v.detach().contiguous().cpu() for k, v in state.items()}, partial
+
+
+def save_rng_state(folder: Path, rank: int) -> None:
+    """Write this rank's torch RNG states (CPU, and every CUDA device) as ``rng_<rank>.safetensors``."""
+    rng = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            rng[f"torch_cuda_{i}"] = s
+    save_file(rng, str(folder / f"rng_{rank}.safetensors"))
+
+
+def save_ema_weights(params: list[torch.Tensor], file: Path) -> None:
+    """Write student-EMA weights as a checkpoint's ``ema.safetensors`` (the layout ``load_ema_into`` reads)."""
+    save_file({f"shadow_{i}": p.detach().cpu().contiguous() for i, p in enumerate(params)}, str(file))
+
+
+def write_checkpoint(tmp: Path, final: Path, *, step: int, batches_seen: int, method: str, num_processes: int,
+                     run_id: str, modules: dict[str, torch.nn.Module], optimizers: dict, lr_schedulers: dict,
+                     ema=None) -> None:
+    """Write the main process's part of a checkpoint into ``tmp`` (unwrapped ``modules``, optimisers and LR
+    schedules per phase, a diffusers ``EMAModel`` or None), ``trainer_state.json`` last, then rename to ``final``."""
+    meta = {}
+    for name, module in modules.items():
+        state, partial = module_state(module)
+        save_file(state, str(tmp / f"model_{name}.safetensors"))
+        meta[name] = {"partial": partial}
+    for phase, opt in optimizers.items():
+        torch.save(opt.state_dict(), tmp / f"optimizer_{phase}.pt")
+        sd = {k: v for k, v in lr_schedulers[phase].state_dict().items() if k != "lr_lambdas"}
+        (tmp / f"lr_scheduler_{phase}.json").write_text(json.dumps(sd))
+    if ema is not None:
+        save_ema_weights(ema.shadow_params, tmp / "ema.safetensors")
+        (tmp / "ema.json").write_text(json.dumps({"optimization_step": ema.optimization_step}))
+    state = {"step": step, "batches_seen": batches_seen, "method": method, "num_processes": num_processes,
+             "modules": meta, "run_id": run_id, "files": file_manifest(tmp)}
+    (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))  # written last: marks completeness
+    replace_dir(tmp, final)
+
+
+def read_checkpoint_file(f: Path, reader):
+    """``reader(f)``, with a one-line UserError naming ``f`` when the file cannot be read back."""
+    require(f.is_file(), f"checkpoint {f.parent} lacks {f.name}")
+    try:
+        return reader(f)
+    except Exception as e:  # noqa: BLE001 - safetensors, pickle and JSON readers raise many types
+        raise UserError(f"checkpoint file {f} is unreadable: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+
+
+def _read_json(f: Path):
+    return json.loads(f.read_text())
+
+
+def read_trainer_state(path: Path) -> dict:
+    """A checkpoint's ``trainer_state.json`` (one-line UserError when it cannot be read)."""
+    return read_checkpoint_file(path / STATE_FILE, _read_json)
+
+
+def load_state_modules(path: Path, modules: dict[str, torch.nn.Module], unwrap=lambda m: m) -> None:
+    """Load each module's weights from checkpoint ``path`` (strict, except partial LoRA-only saves)."""
+    state = read_trainer_state(path)
+    for name, module in modules.items():
+        f = path / f"model_{name}.safetensors"
+        weights = read_checkpoint_file(f, lambda f: load_file(str(f)))
+        missing, unexpected = unwrap(module).load_state_dict(weights, strict=False)
+        require(not unexpected, f"checkpoint {path}: {f.name} has unexpected keys {unexpected[:3]}")
+        if not state["modules"].get(name, {}).get("partial"):
+            require(not missing, f"checkpoint {path}: {f.name} is missing keys {missing[:3]}")
+
+
+def load_optimizers(path: Path, optimizers: dict, lr_schedulers: dict) -> None:
+    """Restore each phase's optimiser state and LR-schedule position from checkpoint ``path``."""
+    for phase, opt in optimizers.items():
+        opt.load_state_dict(read_checkpoint_file(path / f"optimizer_{phase}.pt", lambda f: torch.load(
+            f, map_location="cpu", weights_only=True)))
+        sd = read_checkpoint_file(path / f"lr_scheduler_{phase}.json", _read_json)
+        lr_schedulers[phase].load_state_dict({**lr_schedulers[phase].state_dict(), **sd})
+
+
+def load_ema_into(path: Path, params: list[torch.nn.Parameter]) -> bool:
+    """Copy a checkpoint's student-EMA weights into ``params``; False when it has none."""
+    f = path / "ema.safetensors"
+    if not f.is_file():
+        return False
+    shadow = read_checkpoint_file(f, lambda f: load_file(str(f)))
+    require(len(shadow) == len(params), f"checkpoint {path}: EMA holds {len(shadow)} tensors, model has {len(params)}")
+    with torch.no_grad():
+        for i, p in enumerate(params):
+            p.copy_(shadow[f"shadow_{i}"])
+    return True
+
+
+def load_ema(path: Path, ema) -> None:
+    """Restore a diffusers ``EMAModel`` (shadow weights and step count) from checkpoint ``path``, if it has one."""
+    if load_ema_into(path, ema.shadow_params):
+        ema.optimization_step = read_checkpoint_file(path / "ema.json", _read_json)["optimization_step"]
+
+
+def restore_rng_state(path: Path, rank: int) -> None:
+    """Set this rank's torch RNG states from checkpoint ``path`` (CUDA ones only on as many devices as were saved)."""
+    rng_file = path / f"rng_{rank}.safetensors"
+    if rng_file.is_file():
+        rng = read_checkpoint_file(rng_file, lambda f: load_file(str(f)))
+        torch.set_rng_state(rng["torch_cpu"])
+        if torch.cuda.is_available():
+            cuda = [rng[k] for k in sorted(rng) if k.startswith("torch_cuda_")]
+            if len(cuda) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(cuda)

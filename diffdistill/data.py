@@ -235,6 +235,22 @@ def build_dataset(cfg: DataConfig, resolution: int) -> Dataset:
     return ds
 
 
+def validation_prompts(cfg: DataConfig, dataset: Dataset) -> list[str]:
+    """Ten prompts for sample grids and export checks: the digit prompts, or the first distinct captions of the data."""
+    if cfg.dataset == "digits":
+        from .digits import DIGIT_PROMPTS
+
+        return list(DIGIT_PROMPTS)
+    prompts: list[str] = []
+    for i in range(min(len(dataset), 200)):
+        item = dataset[i]
+        if item["prompt"] not in prompts:
+            prompts.append(item["prompt"])
+        if len(prompts) == 10:
+            break
+    return prompts
+
+
 def collate(items: list[dict]) -> dict:
     """Stack images, keep prompts as a list of strings."""
     batch: dict = {"prompt": [it["prompt"] for it in items]}

@@ -19,7 +19,7 @@ from .checkpoint import new_run_id, resolve_resume
 from .config import RunConfig, build_dataclass, require_adam_step_fits, save_yaml, to_dict
 from .data import build_dataset
 from .errors import require
-from .export import EXPORT_INFO, export_lora, export_pipeline, write_model_card
+from .export import export_student
 from .methods import get_method
 from .outputs import OUTPUT_MARKER, FolderLock, check_output, write_marker
 from .teachers import load_teacher
@@ -79,19 +79,6 @@ def check_xformers(run: RunConfig) -> None:
             from .errors import UserError
 
             raise UserError("--enable-xformers needs xformers: pip install 'diffdistill[gpu]'") from None
-
-
-def bench_table(pipeline_dir: Path, out: Path, steps: list[int], guidance: float, num_samples: int,
-                label: str) -> tuple[dict | None, str | None]:
-    """A small FID/IS/KID-vs-steps benchmark of the export for its model card (digits teachers only)."""
-    if num_samples <= 0:
-        return None, None
-    from .eval.bench import BenchConfig, report_markdown_table, run_bench
-
-    cfg = BenchConfig(pipelines=[str(pipeline_dir)], steps=steps, output=str(out), num_samples=num_samples,
-                      guidance=guidance, labels=[label])
-    report = run_bench(cfg)
-    return report, report_markdown_table(report)
 
 
 def run_distill(run: RunConfig, dry_run: bool = False) -> dict:
@@ -157,46 +144,16 @@ def _train_and_export(run: RunConfig, method, teacher, dataset, out: Path, resol
 
 def export_run(run: RunConfig, method, teacher, trainer: Trainer, out: Path,
                stopped_by: str = "max_train_steps") -> dict:
-    """Export pipeline/ (and lora/), reload-and-sample each, then benchmark and write the model card."""
-    prompt = trainer.validation_prompts()[0]
-    # The student's own step count: --steps, unless a time limit stopped a staged run early.
-    n = method.sampling_steps()
-    guidance = method.recommended_guidance_scale
-    info = {"method": run.method, "teacher": run.teacher, "train_steps": trainer.step}
+    """Export pipeline/ (and lora/) with the student EMA swapped in, through the one export path; the summary's
+    files."""
     with trainer.export_ema_weights():
-        unet = method.export_unet(trainer.accelerator.unwrap_model)
-        scheduler = method.export_scheduler(teacher.scheduler)
-        pipeline_dir = export_pipeline(teacher, unet, scheduler, out / "pipeline", n, guidance, info, prompt)
-        lora_state = method.lora_state_dict(trainer.accelerator.unwrap_model)
-        lora_dir = None
-        if lora_state is not None:
-            lora_dir = export_lora(teacher, lora_state, out / "lora", scheduler, n, prompt)
-    steps = sorted({s for s in (1, 2, 4, 8, n) if s <= min(max(8, n), method.max_sampling_steps())})
-    table = None
-    if run.benchmark_samples and run.data.dataset == "digits":
-        bench_dir = out / "benchmark"
-        shutil.rmtree(bench_dir, ignore_errors=True)
-        _, table = bench_table(pipeline_dir, bench_dir, steps, guidance, run.benchmark_samples,
-                               f"{run.method} student")
-    details = {"method": f"{run.method} ({method.__class__.__name__})", "teacher": run.teacher,
-               "intended steps": n, "recommended guidance_scale": guidance,
-               "scheduler": type(scheduler).__name__, "training steps": trainer.step,
-               **method.card_details()}
-    baked = json.loads((pipeline_dir / EXPORT_INFO).read_text()).get("guidance_baked", False)
-    if baked:
-        details["guidance"] = "baked into the weights: guidance_scale has no effect (one UNet pass per step)"
-    if stopped_by != "max_train_steps":
-        details["training stopped"] = f"early, by --{stopped_by.replace('_', '-')}, at step {trainer.step}"
-    usage = (f'from diffusers import DiffusionPipeline\n\npipe = DiffusionPipeline.from_pretrained("{pipeline_dir}")\n'
-             f'image = pipe("{prompt}", num_inference_steps={n}'
-             + (").images[0]" if baked else f", guidance_scale={guidance}).images[0]"))
-    if table:
-        table = (f"{run.benchmark_samples} samples per step count, FID/KID against the real digits with the shipped "
-                 f"digits classifier as feature extractor (`diffdistill bench`).\n\n" + table)
-    write_model_card(pipeline_dir, f"{run.method} student of {run.teacher} ({n} steps)", details, usage, table)
-    res = {"pipeline": str(pipeline_dir), "checkpoints": [str(p) for p in list_checkpoints(trainer.checkpoints_dir)]}
-    if lora_dir is not None:
-        res["lora"] = str(lora_dir)
+        exported = export_student(run, method, teacher, out / "pipeline", out / "lora",
+                                  trainer.validation_prompts()[0], trainer.step, unwrap=trainer.accelerator.unwrap_model,
+                                  stopped_by=stopped_by, bench_dir=out / "benchmark")
+    res = {"pipeline": str(exported["pipeline"]),
+           "checkpoints": [str(p) for p in list_checkpoints(trainer.checkpoints_dir)]}
+    if exported["lora"] is not None:
+        res["lora"] = str(exported["lora"])
     stages = out / "stages"
     if stages.is_dir():
         res["stages"] = sorted(str(p) for p in stages.iterdir() if (p / "model_index.json").is_file())

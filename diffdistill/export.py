@@ -1,5 +1,7 @@
-"""Export: a trained student + its scheduler preset -> a complete diffusers pipeline folder (or a LoRA).
+"""Export: a trained student + its scheduler preset -> a complete diffusers pipeline folder (and a LoRA).
 
+``export_student`` is the one export path: ``diffdistill distill`` calls it at the end of a run and
+``diffdistill export`` on a checkpoint (``export_run.py``), so both write the same pipeline, LoRA and model card.
 ``DiffusionPipeline.from_pretrained(folder)(prompt, num_inference_steps=N)`` samples the student in
 a process that never imports diffdistill. Every export is written to a temporary folder, reloaded
 from disk and sampled once, and only then renamed into place: a failed or interrupted (SIGINT/SIGTERM)
@@ -11,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -137,3 +140,58 @@ def write_model_card(folder: Path, title: str, details: dict, usage: str, table_
     if table_md:
         lines += ["## Measured quality", "", table_md.strip(), ""]
     (Path(folder) / "README.md").write_text("\n".join(lines))
+
+
+def bench_table(pipeline_dir: Path, out: Path, steps: list[int], guidance: float, num_samples: int,
+                label: str) -> str | None:
+    """A small FID/IS/KID-vs-steps benchmark of the export for its model card (digits teachers only): Markdown."""
+    if num_samples <= 0:
+        return None
+    from .eval.bench import BenchConfig, report_markdown_table, run_bench
+
+    cfg = BenchConfig(pipelines=[str(pipeline_dir)], steps=steps, output=str(out), num_samples=num_samples,
+                      guidance=guidance, labels=[label])
+    return report_markdown_table(run_bench(cfg))
+
+
+def export_student(run, method, teacher, pipeline_dir: Path, lora_dir: Path, prompt: str, train_steps: int, *,
+                   unwrap=lambda m: m, info: dict | None = None, stopped_by: str = "max_train_steps",
+                   bench_dir: Path | None = None) -> dict:
+    """Export ``method``'s student as it holds its weights now (the caller swaps in an EMA first): the pipeline
+    with its scheduler preset, the LoRA where one was trained, both verified by reload-and-sample with ``prompt``;
+    then the card benchmark (digits runs with ``benchmark_samples``; in ``bench_dir``, else a temporary folder)
+    and the model card. ``info`` adds fields to the pipeline's ``diffdistill.json``.
+    Returns {"pipeline": folder, "lora": folder or None}."""
+    # The student's own step count: --steps, unless a time limit stopped a staged run early.
+    n = method.sampling_steps()
+    guidance = method.recommended_guidance_scale
+    info = {**(info or {}), "method": run.method, "teacher": run.teacher, "train_steps": train_steps}
+    unet = method.export_unet(unwrap)
+    scheduler = method.export_scheduler(teacher.scheduler)
+    pipeline_dir = export_pipeline(teacher, unet, scheduler, Path(pipeline_dir), n, guidance, info, prompt)
+    lora_state = method.lora_state_dict(unwrap)
+    lora = None if lora_state is None else export_lora(teacher, lora_state, Path(lora_dir), scheduler, n, prompt)
+    table = None
+    if run.benchmark_samples and run.data.dataset == "digits":
+        steps = sorted({s for s in (1, 2, 4, 8, n) if s <= min(max(8, n), method.max_sampling_steps())})
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(bench_dir) if bench_dir is not None else Path(tmp) / "benchmark"
+            shutil.rmtree(out, ignore_errors=True)
+            table = bench_table(pipeline_dir, out, steps, guidance, run.benchmark_samples, f"{run.method} student")
+    details = {"method": f"{run.method} ({method.__class__.__name__})", "teacher": run.teacher,
+               "intended steps": n, "recommended guidance_scale": guidance,
+               "scheduler": type(scheduler).__name__, "training steps": train_steps,
+               **method.card_details()}
+    baked = json.loads((pipeline_dir / EXPORT_INFO).read_text()).get("guidance_baked", False)
+    if baked:
+        details["guidance"] = "baked into the weights: guidance_scale has no effect (one UNet pass per step)"
+    if stopped_by != "max_train_steps":
+        details["training stopped"] = f"early, by --{stopped_by.replace('_', '-')}, at step {train_steps}"
+    usage = (f'from diffusers import DiffusionPipeline\n\npipe = DiffusionPipeline.from_pretrained("{pipeline_dir}")\n'
+             f'image = pipe("{prompt}", num_inference_steps={n}'
+             + (").images[0]" if baked else f", guidance_scale={guidance}).images[0]"))
+    if table:
+        table = (f"{run.benchmark_samples} samples per step count, FID/KID against the real digits with the shipped "
+                 f"digits classifier as feature extractor (`diffdistill bench`).\n\n" + table)
+    write_model_card(pipeline_dir, f"{run.method} student of {run.teacher} ({n} steps)", details, usage, table)
+    return {"pipeline": pipeline_dir, "lora": lora}

@@ -1,24 +1,38 @@
-"""``diffdistill export``: a checkpoint of a distill run -> a verified diffusers pipeline folder."""
+"""``diffdistill export``: a checkpoint of a distill run -> the same verified pipeline (and LoRA, and model card)
+that the run itself exports, through the one export path (``export.export_student``).
+
+``--output`` is the pipeline folder; a LoRA run's adapter goes into its ``lora/`` subfolder.
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from .checkpoint import STATE_FILE, resolve_resume
+from .checkpoint import load_ema_into, load_state_modules, read_trainer_state, resolve_resume
 from .config import build_dataclass, build_run_config, load_yaml
+from .data import build_dataset, validation_prompts
 from .errors import require
-from .export import export_pipeline
+from .export import export_student
 from .methods import get_method
 from .outputs import OUTPUT_MARKER, check_output, marker_command
 from .teachers import load_teacher
-from .trainer import load_ema_into, load_state_modules, read_checkpoint_file
 
 
 def run_id_of(run_dir: Path) -> str:
     """The run id a distill run folder's marker holds (its checkpoints must carry the same)."""
     require(marker_command(run_dir) == "distill", f"{run_dir} is not a diffdistill distill run folder (no {OUTPUT_MARKER})")
     return json.loads((run_dir / OUTPUT_MARKER).read_text()).get("run_id")
+
+
+def load_for_export(method, ckpt: Path) -> int:
+    """Load checkpoint ``ckpt`` into a set-up ``method`` as the run's export sees it: the state modules, then
+    the trainer's student EMA (when the run kept one) over the student's trainable weights. Returns its step."""
+    load_state_modules(ckpt, method.state_modules())
+    load_ema_into(ckpt, [p for p in method.student.parameters() if p.requires_grad])
+    step = int(read_trainer_state(ckpt)["step"])
+    method.on_resume(step)
+    return step
 
 
 def export_checkpoint(run_dir: str, checkpoint: str, output: str, overwrite: bool = False) -> Path:
@@ -36,13 +50,8 @@ def export_checkpoint(run_dir: str, checkpoint: str, output: str, overwrite: boo
     teacher = load_teacher(run.teacher, run.revision, run.variant, run.local_files_only)
     method = spec.method_cls(method_cfg, run)
     method.validate(teacher)
+    prompt = validation_prompts(run.data, build_dataset(run.data, teacher.image_size))[0]
     method.setup(teacher)
-    load_state_modules(ckpt, method.state_modules())
-    load_ema_into(ckpt, [p for p in method.student.parameters() if p.requires_grad])
-    method.on_resume(read_checkpoint_file(ckpt / STATE_FILE, lambda f: json.loads(f.read_text()))["step"])
-    from .digits import DIGIT_PROMPTS
-
-    prompt = DIGIT_PROMPTS[0] if run.data.dataset == "digits" else "a photo"
-    info = {"command": "export", "method": run.method, "teacher": run.teacher, "checkpoint": str(ckpt)}
-    return export_pipeline(teacher, method.export_unet(lambda m: m), method.export_scheduler(teacher.scheduler),
-                           out, method.sampling_steps(), method.recommended_guidance_scale, info, prompt)
+    step = load_for_export(method, ckpt)
+    info = {"command": "export", "checkpoint": str(ckpt)}
+    return export_student(run, method, teacher, out, out / "lora", prompt, step, info=info)["pipeline"]

@@ -3,7 +3,7 @@
 The trainer owns: devices, mixed precision and process groups (accelerate), AdamW + diffusers'
 ``get_scheduler`` per optimiser phase, gradient accumulation and clipping, an optional EMA of the
 student (diffusers ``EMAModel``), deterministic per-rank data order, atomic and exactly-resumable
-checkpoints (safetensors weights; optimiser state read back with ``weights_only=True``), validation
+checkpoints (their on-disk format lives in ``checkpoint.py``), validation
 grids, CSV/TensorBoard logs, a progress bar, non-finite-loss and SIGINT/SIGTERM handling.
 The maths lives in the method (``diffdistill.methods``), reached only through its narrow hooks.
 """
@@ -11,7 +11,6 @@ The maths lives in the method (``diffdistill.methods``), reached only through it
 from __future__ import annotations
 
 import csv
-import json
 import math
 import shutil
 import signal
@@ -21,25 +20,30 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
 from .checkpoint import (
     CHECKPOINT_PREFIX,
-    STATE_FILE,
+    checkpoint_folders,
     checkpoint_step,
-    file_manifest,
     list_checkpoints,
+    load_ema,
+    load_optimizers,
+    load_state_modules,
     new_run_id,
     newest_valid_checkpoint,
     read_state,
+    read_trainer_state,
     resolve_resume,
+    restore_rng_state,
+    save_rng_state,
+    start_checkpoint,
+    write_checkpoint,
 )
 from .config import RunConfig
-from .data import collate
-from .errors import RunFailed, UserError, require
+from .data import collate, validation_prompts
+from .errors import RunFailed, require
 from .methods.base import DistillMethod
-from .outputs import replace_dir
 
 __all__ = ["CHECKPOINT_PREFIX", "Trainer", "list_checkpoints", "resolve_resume"]
 
@@ -97,43 +101,12 @@ def peak_memory_mb(device: torch.device) -> tuple[float, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cpu_peak_rss"
 
 
-def _module_state(module: torch.nn.Module) -> tuple[dict[str, torch.Tensor], bool]:
-    """The tensors a checkpoint keeps: only trainable ones when the module is partly frozen (LoRA)."""
-    names = {n for n, p in module.named_parameters() if p.requires_grad}
-    state = module.state_dict()
-    partial = 0 < len(names) < len(list(module.parameters()))
-    if partial:
-        state = {k: v for k, v in state.items() if k in names}
-    return {k: v.detach().contiguous().cpu() for k, v in state.items()}, partial
-
-
 def make_accelerator(cfg):
     """The Accelerator for a TrainConfig: mixed precision, accumulation and optional torch.compile."""
     from accelerate import Accelerator
 
     return Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                        dynamo_backend="inductor" if cfg.torch_compile else "no")
-
-
-def read_checkpoint_file(f: Path, reader):
-    """``reader(f)``, with a one-line UserError naming ``f`` when the file cannot be read back."""
-    require(f.is_file(), f"checkpoint {f.parent} lacks {f.name}")
-    try:
-        return reader(f)
-    except Exception as e:  # noqa: BLE001 - safetensors, pickle and JSON readers raise many types
-        raise UserError(f"checkpoint file {f} is unreadable: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
-
-
-def load_state_modules(path: Path, modules: dict[str, torch.nn.Module], unwrap=lambda m: m) -> None:
-    """Load each module's weights from checkpoint ``path`` (strict, except partial LoRA-only saves)."""
-    state = read_checkpoint_file(path / STATE_FILE, lambda f: json.loads(f.read_text()))
-    for name, module in modules.items():
-        f = path / f"model_{name}.safetensors"
-        weights = read_checkpoint_file(f, lambda f: load_file(str(f)))
-        missing, unexpected = unwrap(module).load_state_dict(weights, strict=False)
-        require(not unexpected, f"checkpoint {path}: {f.name} has unexpected keys {unexpected[:3]}")
-        if not state["modules"].get(name, {}).get("partial"):
-            require(not missing, f"checkpoint {path}: {f.name} is missing keys {missing[:3]}")
 
 
 def rewrite_csv(path: Path, header: list[str], rows: list[dict]) -> None:
@@ -144,24 +117,6 @@ def rewrite_csv(path: Path, header: list[str], rows: list[dict]) -> None:
         w.writeheader()
         w.writerows(rows)
     tmp.replace(path)
-
-
-def save_ema_weights(params: list[torch.Tensor], file: Path) -> None:
-    """Write student-EMA weights as a checkpoint's ``ema.safetensors`` (the layout ``load_ema_into`` reads)."""
-    save_file({f"shadow_{i}": p.detach().cpu().contiguous() for i, p in enumerate(params)}, str(file))
-
-
-def load_ema_into(path: Path, params: list[torch.nn.Parameter]) -> bool:
-    """Copy a checkpoint's student-EMA weights into ``params``; False when it has none."""
-    f = path / "ema.safetensors"
-    if not f.is_file():
-        return False
-    shadow = read_checkpoint_file(f, lambda f: load_file(str(f)))
-    require(len(shadow) == len(params), f"checkpoint {path}: EMA holds {len(shadow)} tensors, model has {len(params)}")
-    with torch.no_grad():
-        for i, p in enumerate(params):
-            p.copy_(shadow[f"shadow_{i}"])
-    return True
 
 
 class Trainer:
@@ -268,36 +223,17 @@ class Trainer:
         acc = self.accelerator
         self._check_weights()
         self.checkpoints_dir.mkdir(parents=True, exist_ok=True)
-        final = self.checkpoints_dir / f"{CHECKPOINT_PREFIX}{self.step}"
-        tmp = self.checkpoints_dir / f".tmp-{CHECKPOINT_PREFIX}{self.step}"
+        final, tmp = checkpoint_folders(self.checkpoints_dir, self.step)
         if acc.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
+            start_checkpoint(tmp)
         acc.wait_for_everyone()
-        rng = {"torch_cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            for i, s in enumerate(torch.cuda.get_rng_state_all()):
-                rng[f"torch_cuda_{i}"] = s
-        save_file(rng, str(tmp / f"rng_{acc.process_index}.safetensors"))
+        save_rng_state(tmp, acc.process_index)
         acc.wait_for_everyone()
         if acc.is_main_process:
-            meta = {}
-            for name, module in self.method.state_modules().items():
-                state, partial = _module_state(acc.unwrap_model(module))
-                save_file(state, str(tmp / f"model_{name}.safetensors"))
-                meta[name] = {"partial": partial}
-            for phase, opt in self.optimizers.items():
-                torch.save(opt.state_dict(), tmp / f"optimizer_{phase}.pt")
-                sd = {k: v for k, v in self.lr_schedulers[phase].state_dict().items() if k != "lr_lambdas"}
-                (tmp / f"lr_scheduler_{phase}.json").write_text(json.dumps(sd))
-            if self.ema is not None:
-                save_ema_weights(self.ema.shadow_params, tmp / "ema.safetensors")
-                (tmp / "ema.json").write_text(json.dumps({"optimization_step": self.ema.optimization_step}))
-            state = {"step": self.step, "batches_seen": self.batches_seen, "method": self.method.name,
-                     "num_processes": acc.num_processes, "modules": meta, "run_id": self.run_id,
-                     "files": file_manifest(tmp)}
-            (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))  # written last: marks completeness
-            replace_dir(tmp, final)
+            modules = {name: acc.unwrap_model(m) for name, m in self.method.state_modules().items()}
+            write_checkpoint(tmp, final, step=self.step, batches_seen=self.batches_seen, method=self.method.name,
+                             num_processes=acc.num_processes, run_id=self.run_id, modules=modules,
+                             optimizers=self.optimizers, lr_schedulers=self.lr_schedulers, ema=self.ema)
             self._prune()
         acc.wait_for_everyone()
         self.saved_step = self.step
@@ -316,45 +252,22 @@ class Trainer:
     def load_checkpoint(self, path: Path) -> None:
         """Restore weights, optimisers, LR schedules, EMA, RNG and data position from ``path``."""
         acc = self.accelerator
-        state = read_checkpoint_file(path / STATE_FILE, lambda f: json.loads(f.read_text()))
+        state = read_trainer_state(path)
         require(state.get("method") == self.method.name,
                 f"checkpoint {path} is from method {state.get('method')!r}, not {self.method.name!r}")
         load_state_modules(path, self.method.state_modules(), acc.unwrap_model)
-        for phase, opt in self.optimizers.items():
-            opt.load_state_dict(read_checkpoint_file(path / f"optimizer_{phase}.pt", lambda f: torch.load(
-                f, map_location="cpu", weights_only=True)))
-            sd = read_checkpoint_file(path / f"lr_scheduler_{phase}.json", lambda f: json.loads(f.read_text()))
-            self.lr_schedulers[phase].load_state_dict({**self.lr_schedulers[phase].state_dict(), **sd})
-        if self.ema is not None and load_ema_into(path, self.ema.shadow_params):
-            self.ema.optimization_step = read_checkpoint_file(
-                path / "ema.json", lambda f: json.loads(f.read_text()))["optimization_step"]
-        rng_file = path / f"rng_{acc.process_index}.safetensors"
-        if rng_file.is_file():
-            rng = read_checkpoint_file(rng_file, lambda f: load_file(str(f)))
-            torch.set_rng_state(rng["torch_cpu"])
-            if torch.cuda.is_available():
-                cuda = [rng[k] for k in sorted(rng) if k.startswith("torch_cuda_")]
-                if len(cuda) == torch.cuda.device_count():
-                    torch.cuda.set_rng_state_all(cuda)
+        load_optimizers(path, self.optimizers, self.lr_schedulers)
+        if self.ema is not None:
+            load_ema(path, self.ema)
+        restore_rng_state(path, acc.process_index)
         self.step, self.batches_seen = int(state["step"]), int(state["batches_seen"])
         self.saved_step = self.step
         self.method.on_resume(self.step)
 
     # ------------------------------------------------------------------ validation and logs
     def validation_prompts(self) -> list[str]:
-        """Ten prompts for sample grids: the digit prompts, or the first distinct captions of the data."""
-        if self.run.data.dataset == "digits":
-            from .digits import DIGIT_PROMPTS
-
-            return list(DIGIT_PROMPTS)
-        prompts: list[str] = []
-        for i in range(min(len(self.dataset), 200)):
-            item = self.dataset[i]
-            if item["prompt"] not in prompts:
-                prompts.append(item["prompt"])
-            if len(prompts) == 10:
-                break
-        return prompts
+        """Ten prompts for sample grids (``data.validation_prompts``)."""
+        return validation_prompts(self.run.data, self.dataset)
 
     @torch.no_grad()
     def save_validation_grid(self, name: str) -> Path | None:

@@ -64,11 +64,19 @@ def test_distill_lcm_end_to_end_and_plain_diffusers_load(tiny_sd, tmp_path, caps
     assert _plain_load(tmp_path / "ck2", 2)["scheduler"] == "LCMScheduler"
 
 
+def _same_tensors(a: Path, b: Path) -> None:
+    from safetensors.torch import load_file
+
+    x, y = load_file(str(a)), load_file(str(b))
+    assert sorted(x) == sorted(y) and all(x[k].dtype == y[k].dtype and x[k].equal(y[k]) for k in x), (a, b)
+
+
 @pytest.mark.slow
 def test_distill_lcm_lora_end_to_end(tiny_sd, tmp_path):
     out = tmp_path / "lora-run"
+    # With a student EMA: the run's export and the checkpoint's export must both sample the EMA weights.
     assert main(["distill", "--method", "lcm", "--teacher", tiny_sd, "--output", str(out), "--lora-rank", "4",
-                 "--ema-decay", "0", *TINY]) == 0
+                 "--ema-decay", "0", "--student-ema-decay", "0.5", *TINY]) == 0
     assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
     info = _plain_load(out / "pipeline", 2)
     assert info["calls"] == 2 and info["batch"] == 1  # the fused LoRA student's guidance is baked: never re-guided
@@ -76,6 +84,20 @@ def test_distill_lcm_lora_end_to_end(tiny_sd, tmp_path):
     from safetensors.torch import load_file
 
     assert all("lora" in k for k in load_file(str(ckpt)))  # LoRA checkpoints hold only the adapter
+    # `diffdistill export` of the final checkpoint goes the same way as the run's own export: the same UNet bit
+    # for bit, the same LoRA and scheduler preset, the same model card (up to the folder it names).
+    again = tmp_path / "again"
+    assert main(["export", str(out), "--output", str(again)]) == 0
+    _same_tensors(out / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors",
+                  again / "unet" / "diffusion_pytorch_model.safetensors")
+    _same_tensors(out / "lora" / "pytorch_lora_weights.safetensors", again / "lora" / "pytorch_lora_weights.safetensors")
+    for f in ("lora/scheduler/scheduler_config.json", "scheduler/scheduler_config.json"):
+        assert (again / f).read_text() == ((out / f) if f.startswith("lora") else (out / "pipeline" / f)).read_text(), f
+    card = (out / "pipeline" / "README.md").read_text()
+    assert (again / "README.md").read_text().replace(str(again), "PIPELINE") == card.replace(str(out / "pipeline"), "PIPELINE")
+    run_info, export_info = (json.loads((d / "diffdistill.json").read_text()) for d in (out / "pipeline", again))
+    assert export_info.pop("command") == "export" and export_info.pop("checkpoint").endswith("checkpoint-3")
+    assert export_info == run_info
 
 
 def test_help_on_every_command(capsys):

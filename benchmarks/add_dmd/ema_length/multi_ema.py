@@ -15,7 +15,7 @@ from pathlib import Path
 import diffusers.training_utils as training_utils
 import torch
 
-from diffdistill.trainer import save_ema_weights
+from diffdistill.checkpoint import save_ema_weights
 
 DECAYS = [float(d) for d in os.environ.get("EXTRA_EMA", "0.99,0.995,0.997,0.998").split(",") if d]
 SAVE_AT = {int(s) for s in os.environ.get("SNAP_AT", "800,1000,1200").split(",") if s}
