@@ -1,8 +1,8 @@
 """Tiny Stable Diffusion pipelines: digits-SD's architecture, which ``train_scripts/train_digits_sd.py`` trains.
 
 A tiny AutoencoderKL (3x32x32 <-> 4x8x8), a CLIP tokenizer over a 13-word vocabulary, a tiny frozen
-CLIPTextModel, a UNet2DConditionModel and SD 1.5's noise schedule. Tests build random-weight copies
-of the same pipeline with ``build_pipeline`` in about a second.
+CLIPTextModel, a UNet2DConditionModel and SD 1.5's noise schedule. Tests and benchmark scripts build
+random-weight copies of the same pipeline with ``build_pipeline`` (``save_pipeline``: on disk) in about a second.
 """
 
 from __future__ import annotations
@@ -142,7 +142,6 @@ def build_scheduler(prediction_type: str = "epsilon"):
     )
 
 
-
 def build_pipeline(seed: int = 0, prediction_type: str = "epsilon"):
     """An untrained digits-SD StableDiffusionPipeline with seeded random weights (for tests and smoke runs)."""
     from diffusers import StableDiffusionPipeline
@@ -156,3 +155,9 @@ def build_pipeline(seed: int = 0, prediction_type: str = "epsilon"):
     return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
+
+
+def save_pipeline(folder: str | Path, seed: int = 0, prediction_type: str = "epsilon") -> str:
+    """``build_pipeline(seed, prediction_type)`` saved to ``folder`` as safetensors; returns the folder as a string."""
+    build_pipeline(seed=seed, prediction_type=prediction_type).save_pretrained(str(folder), safe_serialization=True)
+    return str(folder)

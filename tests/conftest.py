@@ -12,24 +12,20 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
-def _save_tiny(folder, prediction_type="epsilon", seed=0):
-    from diffdistill.tiny_pipelines import build_pipeline
-
-    pipe = build_pipeline(seed=seed, prediction_type=prediction_type)
-    pipe.save_pretrained(str(folder), safe_serialization=True)
-    return str(folder)
-
-
 @pytest.fixture(scope="session")
 def tiny_sd(tmp_path_factory):
     """Path of an untrained (random) digits-SD pipeline with an epsilon-prediction DDIM scheduler."""
-    return _save_tiny(tmp_path_factory.mktemp("tiny-sd") / "pipe")
+    from diffdistill.tiny_pipelines import save_pipeline
+
+    return save_pipeline(tmp_path_factory.mktemp("tiny-sd") / "pipe")
 
 
 @pytest.fixture(scope="session")
 def tiny_sd_v(tmp_path_factory):
     """The same tiny pipeline with a v-prediction scheduler."""
-    return _save_tiny(tmp_path_factory.mktemp("tiny-sd-v") / "pipe", prediction_type="v_prediction")
+    from diffdistill.tiny_pipelines import save_pipeline
+
+    return save_pipeline(tmp_path_factory.mktemp("tiny-sd-v") / "pipe", prediction_type="v_prediction")
 
 
 @pytest.fixture(scope="module")

@@ -104,7 +104,9 @@ def test_loss_is_zero_for_a_perfect_consistency_function():
 def test_guidance_embedding_reaches_unet_exactly_as_the_pipeline_feeds_it(tiny_sd):
     """A student trained with teacher guidance w must sample with guidance_scale=w in plain diffusers:
     the UNet must receive the same timestep_cond in training (Denoiser) and in StableDiffusionPipeline."""
-    from diffusers import LCMScheduler, StableDiffusionPipeline
+    from diffusers import LCMScheduler
+
+    from diffdistill.export import build_pipeline
 
     m, teacher = _method(tiny_sd)
     seen = []
@@ -113,11 +115,7 @@ def test_guidance_embedding_reaches_unet_exactly_as_the_pipeline_feeds_it(tiny_s
     Denoiser(m.student, teacher.schedule, "epsilon").x0_eps(torch.randn(1, 4, 8, 8), torch.tensor([999]),
                                                             teacher.encode_prompts(["a handwritten digit 1"]),
                                                             guidance_scale=torch.tensor([w]))
-    pipe = StableDiffusionPipeline(vae=teacher.vae, text_encoder=teacher.pipe.text_encoder,
-                                   tokenizer=teacher.pipe.tokenizer, unet=m.student,
-                                   scheduler=LCMScheduler.from_config(teacher.scheduler.config),
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = build_pipeline(teacher, m.student, LCMScheduler.from_config(teacher.scheduler.config))
     with torch.no_grad():
         pipe("a handwritten digit 1", num_inference_steps=1, guidance_scale=w, output_type="latent")
     hook.remove()
