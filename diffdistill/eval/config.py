@@ -253,9 +253,9 @@ class BenchConfig:
                            "or LABEL@STEPS:LABEL@STEPS such as student@4:teacher@50 (LABEL:LABEL: at every step "
                            "count); comma-separate several; '' compares nothing")
     confidence: float = opt(0.95, "confidence level of every interval")
-    bootstrap: int = opt(1000, "bootstrap replicates for FID, CLIP score and comparisons (each costs one FID from "
-                               "statistics: about 1 ms with 64-d digits features, about a second with 2048-d "
-                               "Inception features on a CPU)")
+    bootstrap: int = opt(1000, "bootstrap replicates for FID, CLIP score and comparisons; each costs one FID from "
+                               "statistics (torch-fidelity, on the CPU): about 1 ms with 64-d digits features, but "
+                               "about 40 s with 2048-d Inception features on 2 cores")
     reference: str = opt(fidelity.DIGITS_REFERENCE, "real images: 'digits' (the 1,797 scikit-learn digits at 32x32) "
                                                     "or a folder of images")
     prompts: str | None = opt(None, "text file, one prompt per line, cycled over the samples (none: the ten digit "
