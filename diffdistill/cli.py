@@ -136,14 +136,14 @@ def cmd_sds(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The full ``diffdistill`` parser with every subcommand."""
     from . import __version__
-    from .eval import bench
+    from .eval import cli as bench_cli
 
     parser = OneLineParser(prog="diffdistill", description="Distil diffusers diffusion models into few-step students, "
                            "export them as diffusers pipelines, and benchmark FID/IS/KID against sampling steps.")
     parser.add_argument("--version", action="version", version=f"diffdistill {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
     add_distill_parser(sub)
-    bench.add_parser(sub)
+    bench_cli.add_parser(sub)
     add_export_parser(sub)
     add_sds_parser(sub)
     return parser
