@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from diffdistill.digits import caption_to_label, digits_uint8, load_digits_32
+from diffdistill.errors import Terminated
 from diffdistill.eval import cache, fidelity, metrics
 from diffdistill.eval.config import (
     DEFAULT_GUIDANCE,
@@ -52,30 +53,24 @@ from diffdistill.eval.sampling import (
     slug,
 )
 
-__all__ = ["BenchConfig", "BenchInterrupted", "REPORT_VERSION", "report_markdown_table", "run_bench"]
+__all__ = ["BenchConfig", "REPORT_VERSION", "report_markdown_table", "run_bench"]
 
 # 2: intervals on every metric, precision/recall, the real-data floor, comparisons, CLIP score.
 REPORT_VERSION = 2
 STAGING_PREFIX = "diffdistill-bench-"
 
 
-class BenchInterrupted(Exception):
-    """SIGTERM arrived during a bench run; its temporary folder has been removed and nothing was written."""
-
-    def __init__(self, signum: int):
-        super().__init__(f"interrupted by signal {signum}; nothing was written")
-        self.signum = signum
-
-
 @contextlib.contextmanager
 def sigterm_raises():
-    """Turn SIGTERM into :class:`BenchInterrupted` (so ``finally`` blocks clean up) while the block runs."""
+    """Turn SIGTERM into :class:`~diffdistill.errors.Terminated` while the block runs, so ``finally`` blocks
+    remove the temporary folder also when run_bench is called from Python (``diffdistill``'s main installs the
+    same for the whole command)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handler(signum, _frame):
-        raise BenchInterrupted(signum)
+        raise Terminated(signum)
 
     previous = signal.signal(signal.SIGTERM, handler)
     try:
