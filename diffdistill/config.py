@@ -140,7 +140,10 @@ class RunConfig:
     def __post_init__(self):
         require(self.steps > 0, f"--steps must be > 0, got {self.steps}")
         require(bool(self.teacher), "--teacher must not be empty")
-        require(self.benchmark_samples >= 0, f"--benchmark-samples must be >= 0, got {self.benchmark_samples}")
+        # The card's FID is computed on the digits classifier's 64-d features: its covariance needs more samples.
+        require(self.benchmark_samples == 0 or self.benchmark_samples > 64,
+                f"--benchmark-samples must be 0 (no card benchmark) or more than 64 (FID's covariance of 64-d "
+                f"features), got {self.benchmark_samples}")
         require(self.recommended_guidance_scale == -1 or self.recommended_guidance_scale >= 0,
                 f"--recommended-guidance-scale must be >= 0 (or -1: the method's choice), got {self.recommended_guidance_scale}")
 

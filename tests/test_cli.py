@@ -152,6 +152,7 @@ def _bad_cases(tiny_sd: str, tmp: Path):
     return [*cpu_only,
         ([*d, "--adam-beta1", "2"], "--adam-beta1"),
         ([*d, "--adam-epsilon", "-1"], "--adam-epsilon"),
+        ([*d, "--benchmark-samples", "10"], "--benchmark-samples must be 0"),
         ([*d, "--seed", "-1"], "--seed"),
         ([*d, "--seed", str(2**32)], "--seed"),
         ([*d, "--recommended-guidance-scale", "inf"], "--recommended-guidance-scale"),
