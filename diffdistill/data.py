@@ -24,6 +24,7 @@ from torch.utils.data import Dataset
 from .config import DataConfig
 from .errors import RunFailed, UserError, require
 
+# Image files the data loaders and the bench reference folders read; a tar sample takes the first one present.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 

@@ -37,6 +37,7 @@ from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 
+from diffdistill.data import IMAGE_SUFFIXES
 from diffdistill.digits import digits_uint8, load_digits_8x8, load_digits_32
 from diffdistill.errors import UserError, require
 from diffdistill.eval.digits_classifier import load_digits_classifier, resolve_classifier_files
@@ -49,7 +50,6 @@ SAFE_INCEPTION_EXTRACTOR = "inception-v3-compat-local"
 # torch-fidelity's Inception weights file name (what torch.hub would have downloaded into its cache).
 INCEPTION_WEIGHTS_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
 DIGITS_REFERENCE = "digits"
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
 class DigitsClassifierFeatureExtractor(FeatureExtractorBase):
@@ -187,9 +187,9 @@ def check_uint8_images(images: torch.Tensor, what: str) -> torch.Tensor:
 
 
 def list_image_files(folder: str | Path) -> list[Path]:
-    """Sorted image files directly inside ``folder`` (png, jpg, jpeg, bmp, webp)."""
+    """Sorted image files directly inside ``folder`` (``data.IMAGE_SUFFIXES``: png, jpg, jpeg, webp, bmp)."""
     folder = Path(folder)
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def load_image_folder(folder: str | Path) -> torch.Tensor:
@@ -200,7 +200,7 @@ def load_image_folder(folder: str | Path) -> torch.Tensor:
     folder = Path(folder)
     require(folder.is_dir(), f"reference folder not found: {folder}")
     files = list_image_files(folder)
-    require(len(files) >= 2, f"reference folder {folder} holds {len(files)} images ({', '.join(IMAGE_EXTENSIONS)}); need at least 2")
+    require(len(files) >= 2, f"reference folder {folder} holds {len(files)} images ({', '.join(IMAGE_SUFFIXES)}); need at least 2")
     arrays = []
     for f in files:
         with Image.open(f) as im:
