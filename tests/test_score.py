@@ -43,7 +43,13 @@ def test_injected_gradient_equals_the_sds_formula(tiny_sd):
         eps_hat = eps_u + 3.0 * (eps_c - eps_u)
         acp = teacher.schedule.alphas_cumprod[t].float()[:, None, None, None]
         expected = (1 - acp) / acp.sqrt() * (eps_hat - noise)
-    torch.testing.assert_close(gen.latents.grad, expected, atol=1e-5, rtol=1e-4)
+    # The injected gradient comes from one batched (uncond, cond) pass, the formula from two separate passes:
+    # float32 reductions differ with the batch (by CPU kind and thread count), and CFG at w = 3 amplifies
+    # that error by |1 - w| + |w| = 5 and the weight (up to ~5 at t = 900) by as much again. Compare per unit
+    # of weight, at a tolerance far below what a wrong weight, guidance scale or sign would give (O(0.1-1)).
+    weight = (1 - acp) / acp.sqrt()
+    torch.testing.assert_close(gen.latents.grad / weight, expected / weight, atol=1e-4, rtol=1e-4)
+    assert (expected / weight).abs().max() > 0.5  # the quantity compared is O(1), not a vanishing residual
     assert all(p.grad is None for p in teacher.unet.parameters())
 
 

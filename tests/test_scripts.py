@@ -39,7 +39,7 @@ def test_train_digits_sd_few_steps_end_to_end(tmp_path):
 
 @pytest.mark.slow
 def test_gpu_smoke_runs_on_cpu_with_tiny(tmp_path):
-    r = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_smoke.sh"), str(tmp_path / "smoke"), "--tiny",
+    r = subprocess.run(["bash", str(ROOT / "benchmarks" / "tools" / "gpu_smoke.sh"), str(tmp_path / "smoke"), "--tiny",
                         "--steps", "3", "--batch-size", "2"], capture_output=True, text=True, timeout=600,
                        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHON": sys.executable})
     assert r.returncode == 0, r.stderr[-3000:]

@@ -6,7 +6,7 @@ solvers, in separate ``bench`` runs; this puts them side by side. It refuses rep
 not comparable (different sample counts, seeds, prompts, reference, feature extractor or intervals); v2
 reports share one real-data floor (the first report's) and keep their comparisons.
 
-    python benchmarks/combine.py --output benchmarks/lcm --title "LCM on digits-SD" \
+    python benchmarks/tools/combine.py --output benchmarks/lcm --title "LCM on digits-SD" \
         benchmarks/teacher/report.json runs/lcm/bench/report.json
 """
 
@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from diffdistill.eval.report import comparisons_markdown, plot_report, report_markdown_table  # noqa: E402
 

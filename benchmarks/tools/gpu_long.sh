@@ -2,9 +2,9 @@
 # Longer training of the digits-SD presets on one GPU, side by side, then `diffdistill bench` of every
 # student and of the teacher's own solvers (same seeds, same GPU), packed into $OUT (collect.py).
 # Each job trains for MINUTES of wall time (--max-train-minutes) at a larger batch than the CPU presets.
-#   OUT=/tmp/gpu_long bash benchmarks/gpu_long/run.sh            # every method, 9 jobs (about 8 minutes)
-#   OUT=/tmp/gpu_long SET=lcm MINUTES=3 bash benchmarks/gpu_long/run.sh   # LCM with a slow student EMA
-#   OUT=/tmp/x DEVICE=cpu MINUTES=0.2 SAMPLES=20 PROG_ITERS=2 BATCH=8 bash benchmarks/gpu_long/run.sh  # plumbing
+#   OUT=/tmp/gpu_long bash benchmarks/tools/gpu_long.sh            # every method, 9 jobs (about 8 minutes)
+#   OUT=/tmp/gpu_long SET=lcm MINUTES=3 bash benchmarks/tools/gpu_long.sh   # LCM with a slow student EMA
+#   OUT=/tmp/x DEVICE=cpu MINUTES=0.2 SAMPLES=20 PROG_ITERS=2 BATCH=8 bash benchmarks/tools/gpu_long.sh  # plumbing
 set -u
 cd "$(dirname "$0")/../.."
 OUT=${OUT:?set OUT}; DEVICE=${DEVICE:-cuda}; MINUTES=${MINUTES:-4.5}; SAMPLES=${SAMPLES:-1000}; SET=${SET:-all}
@@ -27,7 +27,7 @@ bench() {  # name, flags..., folders...
 }
 smoke() {  # SD-1.5-sized fp16 LCM smoke test of the CUDA path, 10 steps
   [ "$DEVICE" = cuda ] || return 0
-  timeout 200 python benchmarks/gpu_smoke.py --output "$W/smoke" --steps 10 > "$W/smoke.log" 2>&1
+  timeout 200 python benchmarks/tools/gpu_smoke.py --output "$W/smoke" --steps 10 > "$W/smoke.log" 2>&1
   echo "smoke rc=$?" >> "$W/status.txt"
 }
 
@@ -56,7 +56,7 @@ if [ "$SET" = lcm ]; then
   bench lcm_ema --steps 1,2,4,8 --guidance 1.5,7.5 "$W/lcm_ema_b256/pipeline" "$W/lcm_ema_b64/pipeline" \
     --labels lcm_ema_b256,lcm_ema_b64 &
   wait
-  python benchmarks/gpu_long/collect.py "$W" "$OUT" lcm_ema_b256 lcm_ema_b64
+  python benchmarks/tools/gpu_long_collect.py "$W" "$OUT" lcm_ema_b256 lcm_ema_b64
   exit
 fi
 bench teacher assets/digits-sd --steps 1,2,4,8,50 --guidance 1.5 \
@@ -72,4 +72,4 @@ bench dmd --steps 1 --guidance 1 "$W/dmd/pipeline" "$W/dmd_ema_reg/pipeline" "$W
 smoke &
 wait
 echo "bench wall s: $(( $(date +%s) - t1 ))" >> "$W/status.txt"
-python benchmarks/gpu_long/collect.py "$W" "$OUT"
+python benchmarks/tools/gpu_long_collect.py "$W" "$OUT"

@@ -3,7 +3,7 @@
 summaries, model cards, sample grids, bench reports) and the UNet/LoRA weights of the best variant of
 each method (by FID at its target step count), one file each.
 
-    python benchmarks/gpu_long/collect.py WORK_DIR OUT_DIR [RUN ...]   # RUNs: copy exactly these runs' UNets
+    python benchmarks/tools/gpu_long_collect.py WORK_DIR OUT_DIR [RUN ...]   # RUNs: copy exactly these runs' UNets
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ them as a StableDiffusionPipeline, then runs ``diffdistill distill --method lcm`
 (512x512 images) with fp16 mixed precision and SDPA attention (xformers too when installed), and
 prints it/s, peak GPU memory and the loss trend; the 4-step export is reloaded and sampled.
 
-    python benchmarks/gpu_smoke.py --output /tmp/smoke          # GPU: SD-1.5 size, 50 steps
-    python benchmarks/gpu_smoke.py --tiny --output /tmp/smoke   # CPU: tiny sizes, same code path
+    python benchmarks/tools/gpu_smoke.py --output /tmp/smoke          # GPU: SD-1.5 size, 50 steps
+    python benchmarks/tools/gpu_smoke.py --tiny --output /tmp/smoke   # CPU: tiny sizes, same code path
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 SD15_UNET = dict(
     sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,

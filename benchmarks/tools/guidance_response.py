@@ -7,7 +7,7 @@ distance between the two latents of each. A student that learned its guidance em
 much as the teacher; one that did not gives nearly the same images at every scale. The student's RMS
 distance to the teacher's 50-step sample (same noise, same scale) is printed too.
 
-    python benchmarks/lcm/guidance_response.py STUDENT_PIPELINE [--teacher assets/digits-sd] [--output F.json]
+    python benchmarks/tools/guidance_response.py STUDENT_PIPELINE [--teacher assets/digits-sd] [--output F.json]
 """
 
 from __future__ import annotations

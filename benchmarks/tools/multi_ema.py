@@ -2,7 +2,7 @@
 "which EMA decay, and how many iterations" without a run per choice.
 
     SNAP_DIR=runs/x/snaps EXTRA_EMA=0.99,0.995 SNAP_AT=800,1000,1200 \
-        python benchmarks/add_dmd/ema_length/multi_ema.py distill --config train_scripts/digits/add.yaml --output runs/x
+        python benchmarks/tools/multi_ema.py distill --config train_scripts/digits/add.yaml --output runs/x
 
 At each step of SNAP_AT it writes ``{decay}_{step}``, ``main_{step}`` (the run's own EMA) and ``raw_{step}``
 (the trained weights) as safetensors in the trainer's EMA checkpoint layout; ``export_snapshot.sh`` turns one

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """FID/IS/KID of real digits against real digits: the floor that generated samples are judged against.
 
-    python benchmarks/real_vs_real.py   # writes benchmarks/real_vs_real.json
+    python benchmarks/tools/real_vs_real.py   # writes benchmarks/real_vs_real.json
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from diffdistill.digits import digits_uint8, load_digits_32  # noqa: E402
 from diffdistill.eval.fidelity import compute_metrics  # noqa: E402
@@ -27,7 +27,7 @@ def main() -> int:
         f"{half} real vs the other {half} real (disjoint)": compute_metrics(
             digits_uint8(images[perm[:half]]), digits_uint8(images[perm[half: 2 * half]]), kid_subset_size=half),
     }
-    out = Path(__file__).with_name("real_vs_real.json")
+    out = Path(__file__).resolve().parents[1] / "real_vs_real.json"
     out.write_text(json.dumps({k: {m: round(v, 4) for m, v in r.items()} for k, r in rows.items()}, indent=2) + "\n")
     print(out.read_text())
     return 0

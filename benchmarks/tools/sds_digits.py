@@ -3,7 +3,7 @@
 ``--num-images`` latents (one seed each) and the shipped digits classifier judges every result.
 Writes results.json, results.md and one result strip per digit (digit_K.png, progress_K.png).
 
-    python benchmarks/sds/run.py --output benchmarks/sds          # ten prompts x 8 seeds
+    python benchmarks/tools/sds_digits.py --output benchmarks/sds          # ten prompts x 8 seeds
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
 """Collect the 1-step (and 2/4-step) FIDs of every report in this folder into summary.md.
 
-    python benchmarks/add_dmd/ema_length/summarize.py
+    python benchmarks/tools/summarize_ema_length.py
 """
 import json
 from pathlib import Path
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).resolve().parents[1] / "add_dmd" / "ema_length"
 
 
 def main() -> None:

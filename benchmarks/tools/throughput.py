@@ -5,7 +5,7 @@ Each preset runs as its own ``diffdistill distill`` process (so peak memory is i
 ``--steps`` optimiser steps with checkpoints, validation grids and the card benchmark off; it/s is
 measured between step ``--warmup`` and the last step from the run's logs.csv.
 
-    python benchmarks/throughput.py --output benchmarks/throughput
+    python benchmarks/tools/throughput.py --output benchmarks/throughput
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PRESETS = {
     "lcm (full UNet)": "train_scripts/digits/lcm.yaml",
     "lcm (LoRA r16)": "train_scripts/digits/lcm_lora.yaml",
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.with_suffix(".json").write_text(json.dumps({"environment": env, "rows": rows}, indent=2) + "\n")
     lines = ["# Training throughput on digits-SD", "",
-             f"`python benchmarks/throughput.py` — {args.steps} steps per preset, rate over steps "
+             f"`python benchmarks/tools/throughput.py` — {args.steps} steps per preset, rate over steps "
              f"{args.warmup}..{args.steps}; {env['torch_threads']} torch threads, CUDA: {env['cuda']}.", "",
              "| method | preset | batch | it/s | images/s | s/step | peak memory (MB) |",
              "|---|---|---:|---:|---:|---:|---:|"]
