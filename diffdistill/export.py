@@ -48,14 +48,6 @@ def build_pipeline(teacher, unet, scheduler, dtype_of_teacher: bool = True):
     return pipe
 
 
-def save_grid(images: torch.Tensor, path: Path, nrow: int) -> None:
-    """Save (N, 3, H, W) images in [0, 1] as one PNG grid."""
-    from torchvision.utils import save_image
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(images.float().cpu(), str(path), nrow=max(1, nrow), padding=2, pad_value=1.0)
-
-
 def verify_pipeline(folder: Path, prompt: str, steps: int, guidance_scale: float) -> torch.Tensor:
     """Reload ``folder`` with plain DiffusionPipeline.from_pretrained and sample once; returns the image."""
     from diffusers import DiffusionPipeline

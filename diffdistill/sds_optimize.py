@@ -114,10 +114,10 @@ def run_sds(cfg: SDSConfig) -> dict:
 def _write_result(tmp: Path, images: torch.Tensor, snaps: list[torch.Tensor], cfg: SDSConfig) -> None:
     """result.png, progress.png, result.json (with the digits classifier's verdict where it applies), marker."""
     from .digits import caption_to_label
-    from .export import save_grid
+    from .images import save_grid
 
-    save_grid(images, tmp / "result.png", nrow=cfg.num_images)
-    save_grid((torch.cat(snaps) + 1) / 2, tmp / "progress.png", nrow=len(snaps))
+    save_grid(images, tmp / "result.png", cfg.num_images, pad_value=255)
+    save_grid((torch.cat(snaps) + 1) / 2, tmp / "progress.png", len(snaps), pad_value=255)
     result = {"prompt": cfg.prompt, "num_images": cfg.num_images, "iters": cfg.iters, "teacher": cfg.teacher}
     label = caption_to_label(cfg.prompt)
     if label is not None:  # digits-SD: judge the result with the shipped classifier

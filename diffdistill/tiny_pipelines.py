@@ -161,3 +161,42 @@ def save_pipeline(folder: str | Path, seed: int = 0, prediction_type: str = "eps
     """``build_pipeline(seed, prediction_type)`` saved to ``folder`` as safetensors; returns the folder as a string."""
     build_pipeline(seed=seed, prediction_type=prediction_type).save_pretrained(str(folder), safe_serialization=True)
     return str(folder)
+
+
+SD15_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=768, attention_head_dim=8,
+)
+TINY_UNET = dict(
+    sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32,
+)
+
+
+def save_sd15_sized_pipeline(folder: Path, tiny: bool) -> None:
+    """Save a random-weight SD pipeline for GPU smoke runs: SD 1.5's UNet (or a tiny one), a small VAE with 8x
+    downsampling and a 1-layer text encoder of the UNet's cross-attention width."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**(TINY_UNET if tiny else SD15_UNET))
+    width = unet.config.cross_attention_dim
+    tokenizer = build_tokenizer(folder.parent / "tokenizer-src")
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=1,
+        num_attention_heads=4 if tiny else 12, max_position_embeddings=tokenizer.model_max_length,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
+                        down_block_types=("DownEncoderBlock2D",) * (2 if tiny else 4),
+                        up_block_types=("UpDecoderBlock2D",) * (2 if tiny else 4),
+                        block_out_channels=(32, 32) if tiny else (32, 32, 64, 64), norm_num_groups=32,
+                        sample_size=16 if tiny else 512)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=build_scheduler(), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(str(folder), safe_serialization=True)

@@ -43,6 +43,7 @@ from .checkpoint import (
 from .config import RunConfig
 from .data import collate, validation_prompts
 from .errors import RunFailed, require
+from .memory import peak_memory_mb
 from .methods.base import DistillMethod
 
 __all__ = ["CHECKPOINT_PREFIX", "Trainer", "list_checkpoints", "resolve_resume"]
@@ -90,15 +91,6 @@ def segmented_lr_scheduler(name: str, optimizer, warmup_steps: int, segments: li
         return fn(step - first)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def peak_memory_mb(device: torch.device) -> tuple[float, str]:
-    """Peak memory so far: CUDA max allocated on GPU, else the process's peak resident set size."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cpu_peak_rss"
 
 
 def make_accelerator(cfg):
@@ -274,7 +266,8 @@ class Trainer:
         """Sample the current student through its export preset and save a PNG grid (main process)."""
         if not self.accelerator.is_main_process:
             return None
-        from .export import build_pipeline, save_grid
+        from .export import build_pipeline
+        from .images import save_grid
 
         modules = self.method.trainable_modules()
         for m in modules.values():
@@ -292,7 +285,7 @@ class Trainer:
                 m.train()
         self.samples_dir.mkdir(parents=True, exist_ok=True)
         path = self.samples_dir / f"{name}.png"
-        save_grid(images, path, nrow=len(prompts))
+        save_grid(images, path, len(prompts), pad_value=255)
         return path
 
     def _export_stages(self, stages: list[dict]) -> None:

@@ -25,47 +25,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-SD15_UNET = dict(
-    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-    block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=768, attention_head_dim=8,
-)
-TINY_UNET = dict(
-    sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32,
-)
-
-
-def build_teacher(folder: Path, tiny: bool) -> None:
-    """Random-weight SD pipeline: SD-1.5 UNet (or tiny), small VAE with 8x downsampling, 1-layer text encoder."""
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from diffdistill.tiny_pipelines import build_scheduler, build_tokenizer
-
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(**(TINY_UNET if tiny else SD15_UNET))
-    width = unet.config.cross_attention_dim
-    tokenizer = build_tokenizer(folder.parent / "tokenizer-src")
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=1,
-        num_attention_heads=4 if tiny else 12, max_position_embeddings=tokenizer.model_max_length,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
-                        down_block_types=("DownEncoderBlock2D",) * (2 if tiny else 4),
-                        up_block_types=("UpDecoderBlock2D",) * (2 if tiny else 4),
-                        block_out_channels=(32, 32) if tiny else (32, 32, 64, 64), norm_num_groups=32,
-                        sample_size=16 if tiny else 512)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=build_scheduler(), safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    pipe.save_pretrained(str(folder), safe_serialization=True)
-
-
 def main(argv: list[str] | None = None) -> int:
+    from diffdistill.tiny_pipelines import save_sd15_sized_pipeline
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output", type=Path, required=True, help="folder for the run and results.json")
     p.add_argument("--tiny", action="store_true", help="tiny sizes and fp32 on CPU (the tested path)")
@@ -84,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         teacher = Path(tmp) / "teacher"
         t0 = time.time()
-        build_teacher(teacher, args.tiny)
+        save_sd15_sized_pipeline(teacher, args.tiny)
         build_s = time.time() - t0
         run = build_run_config({}, {
             "method": "lcm", "teacher": str(teacher), "output": str(args.output / "run"), "steps": 4,

@@ -43,7 +43,6 @@ from diffdistill.eval.report import environment_info, plot_report, report_markdo
 from diffdistill.eval.sampling import (
     GRID_COLUMNS,
     GRID_ROWS,
-    PeakMemory,
     load_pipeline,
     load_scheduler,
     make_scheduler,
@@ -52,6 +51,7 @@ from diffdistill.eval.sampling import (
     save_grid,
     slug,
 )
+from diffdistill.memory import PeakMemory
 
 __all__ = ["BenchConfig", "REPORT_VERSION", "report_markdown_table", "run_bench"]
 

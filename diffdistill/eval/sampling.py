@@ -8,11 +8,7 @@ and for every pipeline: that shared noise is what makes comparisons between cell
 from __future__ import annotations
 
 import json
-import math
-import os
-import platform
 import re
-import threading
 import time
 import warnings
 from pathlib import Path
@@ -22,6 +18,7 @@ import torch
 
 from diffdistill.errors import UserError
 from diffdistill.eval.config import SCHEDULERS, parse_scheduler_spec
+from diffdistill.images import save_grid as images_grid
 from diffdistill.loading import quiet_loading
 
 GRID_COLUMNS = 10  # one column per digit prompt
@@ -33,78 +30,6 @@ GRID_MAX_CELL = 256
 # ----------------------------------------------------------------------------------------------------------
 # Measurement helpers
 # ----------------------------------------------------------------------------------------------------------
-
-def _resident_bytes() -> int | None:
-    """Current resident set size of this process (Linux /proc), or None where unavailable."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _maxrss_bytes() -> int:
-    """Lifetime peak RSS of the process from getrusage (kilobytes on Linux, bytes on macOS)."""
-    import resource
-
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(rss) if platform.system() == "Darwin" else int(rss) * 1024
-
-
-class PeakMemory:
-    """Peak memory while the ``with`` block runs.
-
-    CUDA: ``torch.cuda.max_memory_allocated`` after resetting the peak (tensors only, weights included).
-    CPU: the process's resident set size polled every 5 ms from /proc/self/statm (weights, activations and
-    allocator slack included); where /proc is missing, getrusage's lifetime ``ru_maxrss``.
-    """
-
-    POLL_SECONDS = 0.005
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.baseline = 0
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    @property
-    def method(self) -> str:
-        """One line naming what ``peak`` measures (goes into the report)."""
-        if self.device.type == "cuda":
-            return "torch.cuda.max_memory_allocated during sampling (weights included)"
-        if _resident_bytes() is not None:
-            return "peak process RSS during sampling, polled every 5 ms from /proc/self/statm (weights included)"
-        return "process lifetime peak RSS (resource.getrusage ru_maxrss; weights included)"
-
-    def _poll(self) -> None:
-        while not self._stop.wait(self.POLL_SECONDS):
-            self.peak = max(self.peak, _resident_bytes() or 0)
-
-    def __enter__(self) -> PeakMemory:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.baseline = torch.cuda.memory_allocated(self.device)
-        elif _resident_bytes() is not None:
-            self.baseline = self.peak = _resident_bytes() or 0
-            self._thread = threading.Thread(target=self._poll, daemon=True)
-            self._thread.start()
-        else:
-            self.baseline = _maxrss_bytes()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.peak = torch.cuda.max_memory_allocated(self.device)
-        elif self._thread is not None:
-            self._stop.set()
-            self._thread.join()
-            self.peak = max(self.peak, _resident_bytes() or 0)
-        else:
-            self.peak = _maxrss_bytes()
-
 
 def load_pipeline(folder: str, device: torch.device, dtype: torch.dtype):
     """``DiffusionPipeline.from_pretrained(folder)`` moved to ``device``; load failures become UserErrors."""
@@ -217,21 +142,9 @@ def sample_cell(pipe, prompts: list[str], steps: int, guidance: float, seed: int
 
 
 def save_grid(images: torch.Tensor, path: Path, columns: int) -> None:
-    """Save up to ``GRID_ROWS`` rows x ``columns`` of uint8 (N, 3, H, W) images as one PNG."""
-    import torch.nn.functional as F
-    from PIL import Image
-    from torchvision.utils import make_grid
-
-    x = images[: columns * GRID_ROWS]
-    size = x.shape[-1]
-    if size < GRID_MIN_CELL:  # small digits: blow up by nearest neighbour so pixels stay crisp
-        scale = math.ceil(GRID_MIN_CELL / size)
-        x = F.interpolate(x.float(), scale_factor=scale, mode="nearest").round().to(torch.uint8)
-    elif size > GRID_MAX_CELL:  # 512x512 SD samples: shrink so a 10x10 grid stays a few MB
-        x = F.interpolate(x.float(), scale_factor=GRID_MAX_CELL / size, mode="bilinear", antialias=True)
-        x = x.round().clamp(0, 255).to(torch.uint8)
-    grid = make_grid(x, nrow=columns, padding=2, pad_value=128)  # (3, H', W') uint8
-    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
+    """A bench sample grid: up to ``GRID_ROWS`` rows of uint8 (N, 3, H, W) images, small cells blown up."""
+    images_grid(images, path, columns, pad_value=128, max_rows=GRID_ROWS, min_cell=GRID_MIN_CELL,
+                max_cell=GRID_MAX_CELL)
 
 
 def slug(text: str) -> str:
