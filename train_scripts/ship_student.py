@@ -39,16 +39,21 @@ def halve_weights(folder: Path) -> int:
 
 
 def card_table(report: dict, label: str) -> str:
-    """The report's rows for ``label`` (and its real-data floor) as Markdown, via the bench's own table code."""
-    from diffdistill.eval.report import report_markdown_table
+    """The report's rows for ``label`` with the real-data floor, and its comparisons against the teacher at 50 steps,
+    as Markdown through the bench's own table code."""
+    from diffdistill.eval.report import comparisons_markdown, report_markdown_table
 
     kept = dict(report)
     kept["lines"] = [line for line in report["lines"] if line["label"] == label]
     if not kept["lines"]:
         sys.exit(f"error: the report has no line labelled {label!r}")
     kept["comparisons"] = [c for c in report.get("comparisons", [])
-                           if label in (c.get("a", {}).get("label"), c.get("b", {}).get("label"))]
-    return report_markdown_table(kept)
+                           if c["a"].startswith(f"{label}, ") and c["b"].endswith(", 50 steps")]
+    table = report_markdown_table(kept)
+    if kept["comparisons"]:
+        table += "\nAgainst the teacher at 50 steps (paired bootstrap, same seeds and prompts):\n\n"
+        table += comparisons_markdown(kept)
+    return table
 
 
 def write_card(folder: Path, name: str, preset: Path, run_dir: Path, table: str | None, report_path: str | None) -> None:
