@@ -22,6 +22,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from diffdistill.outputs import replace_dir  # noqa: E402
 
 
 def halve_weights(folder: Path) -> int:
@@ -129,9 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.copytree(source, tmp, ignore=shutil.ignore_patterns("README.md", "*.png"))
         saved = halve_weights(tmp)
         write_card(tmp, args.name, preset, args.run_dir, table, args.report)
-        if dest.exists():
-            shutil.rmtree(dest)
-        tmp.rename(dest)
+        replace_dir(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -52,6 +52,7 @@ from diffdistill.eval.sampling import (
     slug,
 )
 from diffdistill.memory import PeakMemory
+from diffdistill.outputs import replace_dir
 
 __all__ = ["BenchConfig", "REPORT_VERSION", "report_markdown_table", "run_bench"]
 
@@ -324,9 +325,16 @@ def run_comparisons(cfg: BenchConfig, cells: dict[tuple[str, int, int, int], tup
 
 
 def publish(staging: Path, output: Path) -> None:
-    """Move the finished report from ``staging`` to ``output`` (replacing an earlier report there)."""
+    """Copy the finished report beside ``output``, then swap it in with ``outputs.replace_dir`` (files flushed
+    first; an earlier report, which BenchConfig checked is one and that --overwrite was given, is removed only
+    once the new one is in place)."""
+    output = output.absolute()
     output.parent.mkdir(parents=True, exist_ok=True)
-    if output.exists():
-        # BenchConfig checked that a non-empty output holds an earlier report.json and --overwrite was given.
-        shutil.rmtree(output)
-    shutil.copytree(staging, output)
+    tmp = output.with_name(f".{output.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        shutil.copytree(staging, tmp)
+        replace_dir(tmp, output)
+    except BaseException:  # an error or a signal: no temporary folder stays beside the output
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
