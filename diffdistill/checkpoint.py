@@ -9,6 +9,8 @@ A checkpoint folder ``checkpoint-<step>`` holds
 * ``lr_scheduler_<phase>.json``      the LR schedule's position
 * ``ema.safetensors`` + ``ema.json`` the trainer's student EMA (``shadow_<i>`` tensors) and its step count
 * ``rng_<rank>.safetensors``         every rank's torch RNG states
+* ``method_state_<rank>.safetensors`` every rank's method state that no module holds (``extra_state``: DMD's
+                                    and ADD's regression pool), when there is any
 * ``trainer_state.json``             written last: step, data position, method, module metadata, the run id
                                     of the run folder that wrote it and the size of every other file
 
@@ -165,6 +167,18 @@ def save_rng_state(folder: Path, rank: int) -> None:
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             rng[f"torch_cuda_{i}"] = s
     save_file(rng, str(folder / f"rng_{rank}.safetensors"))
+
+
+def save_method_state(folder: Path, rank: int, tensors: dict[str, torch.Tensor]) -> None:
+    """Write this rank's method ``extra_state`` as ``method_state_<rank>.safetensors`` (nothing when empty)."""
+    if tensors:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(folder / f"method_state_{rank}.safetensors"))
+
+
+def load_method_state(path: Path, rank: int) -> dict[str, torch.Tensor]:
+    """This rank's method state from checkpoint ``path`` ({} when it holds none)."""
+    f = path / f"method_state_{rank}.safetensors"
+    return read_checkpoint_file(f, lambda f: load_file(str(f))) if f.is_file() else {}
 
 
 def save_ema_weights(params: list[torch.Tensor], file: Path) -> None:

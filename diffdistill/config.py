@@ -15,7 +15,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -72,7 +72,8 @@ class TrainConfig:
     checkpoints_total_limit: int = opt(2, "keep at most this many checkpoints (0: keep all)")
     resume_from_checkpoint: str = opt("", "'latest' or a checkpoint folder to resume from ('' starts fresh)")
     validation_steps: int = opt(250, "save a sample grid PNG every N steps (0: only at the end)")
-    log_every: int = opt(10, "write a log row every N steps")
+    log_every: int = opt(10, "write a log row every N steps: the means of the losses over those N steps (they stay "
+                                 "on the device in between: one host sync per step, for the finiteness check)")
     student_ema_decay: float = opt(0.0, "keep an EMA of the student for export with this decay (0: off); "
                                        "diffusers' EMAModel warms up: the decay at step n is min(this, n / (n + 9)), "
                                        "so 0.999 is reached only after about 9,000 steps")
@@ -109,14 +110,16 @@ class DataConfig:
     resolution: int = opt(0, "training image size in pixels (0: the teacher's native size)")
     max_samples: int = opt(0, "use at most this many examples (0: all)")
     dataloader_num_workers: int = opt(0, "DataLoader worker processes")
-    uncond_prob: float = opt(0.0, "probability of replacing a caption by the empty prompt")
+
+    FORMER_OPTIONS: ClassVar[dict[str, str]] = {
+        "uncond_prob": "was removed: no method trains a network that is ever queried without its prompt (the "
+                       "teacher's own CFG dropout is train_scripts/train_digits_sd.py --uncond-prob)"}
 
     def __post_init__(self):
         require(bool(self.dataset), "--dataset must not be empty")
         require(self.resolution >= 0, f"--resolution must be >= 0, got {self.resolution}")
         require(self.max_samples >= 0, f"--max-samples must be >= 0, got {self.max_samples}")
         require(self.dataloader_num_workers >= 0, f"--dataloader-num-workers must be >= 0, got {self.dataloader_num_workers}")
-        require(0 <= self.uncond_prob < 1, f"--uncond-prob must be in [0, 1), got {self.uncond_prob}")
 
 
 @dataclass
@@ -131,11 +134,18 @@ class RunConfig:
     revision: str = opt("", "hub revision of the teacher ('' = default branch)")
     variant: str = opt("", "weights variant of the teacher, e.g. fp16 ('' = default)")
     local_files_only: bool = opt(False, "never contact the hub for the teacher (set HF_HUB_OFFLINE=1 for the same)")
-    recommended_guidance_scale: float = opt(-1.0, "guidance scale written into the exported preset and card (-1: the method's choice)")
+    export_guidance_scale: float = opt(-1.0, "guidance_scale written into the exported pipeline's preset "
+                                             "(diffdistill.json) and model card, and used for the validation grids and "
+                                             "the card's benchmark (-1: the method's choice: the middle of [--w-min, "
+                                             "--w-max] for a student with a guidance embedding, else 1)")
     benchmark_samples: int = opt(200, "samples per step count for the FID table of the model card (0: skip)")
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     method_args: dict = field(default_factory=dict)
+
+    FORMER_OPTIONS: ClassVar[dict[str, str]] = {
+        "recommended_guidance_scale": "was renamed: use --export-guidance-scale (export_guidance_scale at the top "
+                                      "level of a config file)"}
 
     def __post_init__(self):
         require(self.steps > 0, f"--steps must be > 0, got {self.steps}")
@@ -144,8 +154,8 @@ class RunConfig:
         require(self.benchmark_samples == 0 or self.benchmark_samples > 64,
                 f"--benchmark-samples must be 0 (no card benchmark) or more than 64 (FID's covariance of 64-d "
                 f"features), got {self.benchmark_samples}")
-        require(self.recommended_guidance_scale == -1 or self.recommended_guidance_scale >= 0,
-                f"--recommended-guidance-scale must be >= 0 (or -1: the method's choice), got {self.recommended_guidance_scale}")
+        require(self.export_guidance_scale == -1 or self.export_guidance_scale >= 0,
+                f"--export-guidance-scale must be >= 0 (or -1: the method's choice), got {self.export_guidance_scale}")
 
 
 def _flag(name: str) -> str:
@@ -196,8 +206,17 @@ def coerce(value: Any, tp: type, name: str) -> Any:
     return value
 
 
+def reject_former_options(cls, names, where: str) -> None:
+    """One-line UserError for an option ``cls`` knows under a former name (its ``FORMER_OPTIONS``: former name ->
+    what became of it), so that an old flag or YAML key names its replacement instead of being ignored."""
+    former = getattr(cls, "FORMER_OPTIONS", {})
+    for name in names:
+        require(name not in former, f"{_flag(name)} ({name} in {where}) {former.get(name)}")
+
+
 def build_dataclass(cls, values: dict, where: str):
     """Instantiate ``cls`` from a dict, rejecting unknown keys and coercing types (validation in __post_init__)."""
+    reject_former_options(cls, values, where)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
     require(not unknown, f"unknown option(s) {', '.join(unknown)} in {where}; valid: {', '.join(sorted(fields))}")
@@ -235,6 +254,9 @@ def build_run_config(yaml_values: dict, overrides: dict) -> RunConfig:
     method_args = dict(yaml_values.get("method_args") or {})
     run_fields = {f.name for f in dataclasses.fields(RunConfig)} - set(SECTIONS) - {"method_args"}
     section_fields = {name: {f.name for f in dataclasses.fields(cls)} for name, cls in SECTIONS.items()}
+    # before the routing below sends a former name on to the method's options
+    for cls, where in ((RunConfig, "run settings"), *((c, f"{n} settings") for n, c in SECTIONS.items())):
+        reject_former_options(cls, [*top, *overrides], where)
     for k, v in overrides.items():
         if k in run_fields:
             top[k] = v

@@ -177,7 +177,10 @@ class Denoiser:
     @property
     def guidance_embedding_dim(self) -> int | None:
         """The UNet's ``time_cond_proj_dim`` (None when it has no guidance embedding)."""
-        unet = getattr(self.unet, "module", self.unet)  # DDP/accelerate wrappers keep the model in .module
+        # DDP keeps the model in .module, torch.compile in ._orig_mod; FSDP2 shards in place (config kept).
+        # (accelerate's extract_model_from_parallel costs ~2 ms, too much for every denoiser call.)
+        unet = getattr(self.unet, "module", self.unet)
+        unet = getattr(unet, "_orig_mod", unet)
         return getattr(unet.config, "time_cond_proj_dim", None)
 
     def model_output(

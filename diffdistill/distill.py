@@ -9,6 +9,7 @@ an earlier ``diffdistill distill`` wrote, and starts it clean.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -16,11 +17,11 @@ from pathlib import Path
 import torch
 
 from .checkpoint import new_run_id, resolve_resume
-from .config import RunConfig, build_dataclass, require_adam_step_fits, save_yaml, to_dict
+from .config import RunConfig, require_adam_step_fits, save_yaml, to_dict
 from .data import build_dataset
 from .errors import require
 from .export import export_student
-from .methods import get_method
+from .methods import build_method_config, get_method
 from .outputs import OUTPUT_MARKER, FolderLock, check_output, write_marker
 from .teachers import load_teacher
 from .trainer import Trainer, list_checkpoints, make_accelerator
@@ -84,7 +85,7 @@ def check_xformers(run: RunConfig) -> None:
 def run_distill(run: RunConfig, dry_run: bool = False) -> dict:
     """Train, export, verify and document one student. Returns a summary dict (also saved as summary.json)."""
     spec = get_method(run.method)
-    method_cfg = build_dataclass(spec.config_cls, run.method_args, f"--method {run.method} options")
+    method_cfg = build_method_config(run.method, run.method_args, f"--method {run.method} options")
     out, run_id = check_output_folder(run)
     check_xformers(run)
     method = spec.method_cls(method_cfg, run)
@@ -98,6 +99,12 @@ def run_distill(run: RunConfig, dry_run: bool = False) -> dict:
         return {"config": resolved}
 
     accelerator = make_accelerator(run.train)
+    kind = str(getattr(accelerator.distributed_type, "value", accelerator.distributed_type))
+    for name in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):  # asked for, even where accelerate falls back (CPU: DDP)
+        kind = name if os.environ.get(f"ACCELERATE_USE_{name}", "").lower() in ("1", "true") else kind
+    require(kind not in ("FSDP", "DEEPSPEED", "MEGATRON_LM"),
+            f"accelerate is configured for {kind}, which diffdistill does not support yet (its checkpoints, EMAs and "
+            "export assume whole modules on every rank); use plain multi-GPU data parallel (DDP)")
     require(not (run.train.mixed_precision == "fp16" and accelerator.device.type == "cpu"),
             "--mixed-precision fp16 needs a GPU (this run would train on the CPU); use bf16 or no")
     for phase in method.phases:
@@ -133,7 +140,7 @@ def _train_and_export(run: RunConfig, method, teacher, dataset, out: Path, resol
                      "train_minutes": round(result.minutes, 2),
                      "peak_memory_mb": round(result.peak_memory_mb, 1), "memory_kind": result.memory_kind,
                      "last_logs": result.last_logs, "num_processes": accelerator.num_processes,
-                     "rank_weight_checksums": result.rank_checksums}
+                     "rank_weight_sha256": result.rank_checksums}
     if accelerator.is_main_process:
         summary.update(export_run(run, method, teacher, trainer, out, result.stopped_by))
         summary["total_minutes"] = round((time.time() - t0) / 60, 2)

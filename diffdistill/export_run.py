@@ -10,11 +10,11 @@ import json
 from pathlib import Path
 
 from .checkpoint import load_ema_into, load_state_modules, read_trainer_state, resolve_resume
-from .config import build_dataclass, build_run_config, load_yaml
+from .config import build_run_config, load_yaml
 from .data import build_dataset, validation_prompts
 from .errors import require
 from .export import export_student
-from .methods import get_method
+from .methods import build_method_config, get_method
 from .outputs import OUTPUT_MARKER, check_output, marker_command
 from .teachers import load_teacher
 
@@ -37,16 +37,16 @@ def load_for_export(method, ckpt: Path) -> int:
 
 def export_checkpoint(run_dir: str, checkpoint: str, output: str, overwrite: bool = False) -> Path:
     """Rebuild the run's method from its saved config, load ``checkpoint`` and export it to ``output``."""
+    out = Path(output)
+    check_output(out, "export", overwrite)  # first: a bad --output is one line, before any checkpoint warning
     rd = Path(run_dir)
     require((rd / "config.yaml").is_file(), f"{run_dir} is not a distill run folder (no config.yaml)")
     run = build_run_config(load_yaml(rd / "config.yaml"), {})
     spec = get_method(run.method)
-    method_cfg = build_dataclass(spec.config_cls, run.method_args, f"{run_dir}/config.yaml method_args")
+    method_cfg = build_method_config(run.method, run.method_args, f"{run_dir}/config.yaml method_args")
     # Only this run's whole checkpoints: 'latest' skips (with a warning) any that is not.
     ckpt = resolve_resume(checkpoint, rd / "checkpoints", run_id_of(rd))
     require(ckpt is not None, f"no checkpoint in {rd / 'checkpoints'}")
-    out = Path(output)
-    check_output(out, "export", overwrite)
     teacher = load_teacher(run.teacher, run.revision, run.variant, run.local_files_only)
     method = spec.method_cls(method_cfg, run)
     method.validate(teacher)

@@ -4,6 +4,7 @@
 * ``OUTPUT_MARKER``: every folder a command writes as its ``--output`` carries ``diffdistill.json`` with
   ``"command": <name>``; ``check_output`` lets a command replace (with ``--overwrite``) only a folder its
   own earlier invocation wrote, never a user's folder or file.
+* ``check_writable``: every folder a command writes is probed before any work starts (one line, exit 2).
 * ``FolderLock``: an exclusive ``flock`` on a run folder; a second run is refused with the holder's PID.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 from .errors import UserError, require
@@ -65,14 +67,32 @@ def marker_command(folder: Path) -> str | None:
     return data.get("command") if isinstance(data, dict) else None
 
 
+def check_writable(folder: Path, flag: str = "--output", beside: bool = True) -> None:
+    """One-line UserError, before any work, for a ``folder`` this process could not create and fill: one under
+    a file, on a read-only or virtual filesystem (/proc, /sys), without permission (which ``os.access`` does not
+    tell for root). Probes where the writes will go, by making and removing an empty folder there (nothing is
+    left behind): ``folder`` itself when it exists; the nearest existing folder above it when ``folder`` is to be
+    created there, or when the command builds ``.<name>.tmp`` beside it and renames it in (``beside``)."""
+    folder = Path(folder)
+    blocker = next((p for p in [folder, *folder.absolute().parents] if os.path.lexists(p) and not p.is_dir()), None)
+    require(blocker is None, f"{flag} {folder}: {blocker} exists and is not a folder")
+    absolute = folder.absolute()
+    places = [absolute] if absolute.is_dir() else []
+    if (beside or not places) and absolute.parents:
+        places.append(next(p for p in absolute.parents if p.is_dir()))
+    for place in places:
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=".diffdistill-probe-", dir=place))
+        except OSError as e:
+            raise UserError(f"{flag} {folder}: cannot write in {place} ({e.strerror or e})") from None
+
+
 def check_output(out: Path, command: str, overwrite: bool, resumable: bool = False) -> bool:
-    """Validate ``--output`` of ``diffdistill <command>`` without writing: absent or empty is fine; a folder that
-    an earlier ``diffdistill <command>`` wrote needs ``--overwrite`` (or, for a run, resuming); anything else
-    (a file, a user's folder, another command's output) is refused. Returns whether it holds an earlier output."""
-    blocker = next((p for p in [out, *out.absolute().parents] if os.path.lexists(p) and not p.is_dir()), None)
-    require(blocker is None, f"--output {out}: {blocker} exists and is not a folder")
-    parent = out if out.exists() else next((p for p in out.absolute().parents if p.exists()), Path("/"))
-    require(os.access(parent, os.W_OK), f"--output {out}: {parent} is not writable")
+    """Validate ``--output`` of ``diffdistill <command>``, leaving nothing behind: absent or empty is fine; a folder
+    that an earlier ``diffdistill <command>`` wrote needs ``--overwrite`` (or, for a run, resuming); anything else
+    (a file, a user's folder, another command's output, a place that cannot be written) is refused. Returns
+    whether it holds an earlier output."""
+    check_writable(out, beside=command != "distill")  # a run writes inside its folder; the others swap it in
     if not out.exists() or not [p for p in out.iterdir() if p.name != LOCK_FILE]:
         return False
     require(marker_command(out) == command,

@@ -11,6 +11,7 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -29,8 +30,10 @@ from .outputs import check_output, replace_dir, write_marker
 
 
 @dataclass
-class SDSConfig:
+class SDSOptimizeConfig:
     """Options of ``diffdistill sds``."""
+
+    FORMER_OPTIONS: ClassVar[dict[str, str]] = {"guidance_scale": "was renamed: use --teacher-guidance-scale"}
 
     teacher: str = opt("assets/digits-sd", "teacher: a diffusers Stable Diffusion folder or hub id")
     prompt: str = opt("", "prompt to optimise for (required)")
@@ -38,7 +41,7 @@ class SDSConfig:
     num_images: int = opt(4, "images optimised side by side (different seeds)")
     iters: int = opt(300, "optimisation steps")
     lr: float = opt(0.05, "Adam learning rate on the latents")
-    guidance_scale: float = opt(7.5, "teacher classifier-free guidance (SDS needs a high one)")
+    teacher_guidance_scale: float = opt(7.5, "the teacher's classifier-free guidance scale (SDS needs a high one)")
     t_min: int = opt(20, "smallest timestep")
     t_max: int = opt(980, "largest timestep at the start")
     t_max_end: int = opt(500, "t_max at the end (linear annealing; -1: none)")
@@ -53,13 +56,13 @@ class SDSConfig:
         for name in ("num_images", "iters", "snapshots"):
             require(getattr(self, name) > 0, f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
         require(self.lr > 0, f"--lr must be > 0, got {self.lr}")
-        require(self.guidance_scale >= 0, f"--guidance-scale must be >= 0, got {self.guidance_scale}")
+        require(self.teacher_guidance_scale >= 0, f"--teacher-guidance-scale must be >= 0, got {self.teacher_guidance_scale}")
         check_timestep_range(self.t_min, self.t_max, self.t_max_end)
         require(self.weighting in WEIGHTINGS, f"--weighting must be one of {', '.join(WEIGHTINGS)}, got {self.weighting!r}")
         require_seed(self.seed)
 
 
-def optimise(generator: DifferentiableGenerator, teacher, cond, uncond, cfg: SDSConfig, on_snapshot=None):
+def optimise(generator: DifferentiableGenerator, teacher, cond, uncond, cfg: SDSOptimizeConfig, on_snapshot=None):
     """Run SDS on ``generator``'s parameters; returns the final latents. ``on_snapshot(i, latents)`` is called
     ``cfg.snapshots`` times."""
     from tqdm.auto import tqdm
@@ -75,7 +78,7 @@ def optimise(generator: DifferentiableGenerator, teacher, cond, uncond, cfg: SDS
                                          f"latents {shape}")
         t = sample_timesteps(cfg, shape[0], i / max(cfg.iters - 1, 1), cond.device, generator=g)
         noise = torch.randn(shape, generator=g).to(cond.device)
-        grad = sds_gradient(x, den, cond, uncond, cfg.guidance_scale, t, noise, cfg.weighting)
+        grad = sds_gradient(x, den, cond, uncond, cfg.teacher_guidance_scale, t, noise, cfg.weighting)
         opt_.zero_grad(set_to_none=True)
         inject_gradient(x, grad).backward()
         opt_.step()
@@ -84,7 +87,7 @@ def optimise(generator: DifferentiableGenerator, teacher, cond, uncond, cfg: SDS
     return generator(torch.zeros(shape, device=cond.device), cond).detach()
 
 
-def run_sds(cfg: SDSConfig) -> dict:
+def run_sds(cfg: SDSOptimizeConfig) -> dict:
     """Load the teacher, optimise, decode and save result.png, progress.png and result.json."""
     from .teachers import load_teacher
 
@@ -111,7 +114,7 @@ def run_sds(cfg: SDSConfig) -> dict:
     return json.loads((out / "result.json").read_text())
 
 
-def _write_result(tmp: Path, images: torch.Tensor, snaps: list[torch.Tensor], cfg: SDSConfig) -> None:
+def _write_result(tmp: Path, images: torch.Tensor, snaps: list[torch.Tensor], cfg: SDSOptimizeConfig) -> None:
     """result.png, progress.png, result.json (with the digits classifier's verdict where it applies), marker."""
     from .digits import caption_to_label
     from .images import save_grid

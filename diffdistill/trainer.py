@@ -10,6 +10,7 @@ The maths lives in the method (``diffdistill.methods``), reached only through it
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 import shutil
@@ -28,6 +29,7 @@ from .checkpoint import (
     checkpoint_step,
     list_checkpoints,
     load_ema,
+    load_method_state,
     load_optimizers,
     load_state_modules,
     new_run_id,
@@ -36,6 +38,7 @@ from .checkpoint import (
     read_trainer_state,
     resolve_resume,
     restore_rng_state,
+    save_method_state,
     save_rng_state,
     start_checkpoint,
     write_checkpoint,
@@ -73,7 +76,7 @@ class TrainResult:
     peak_memory_mb: float
     memory_kind: str
     last_logs: dict
-    rank_checksums: list[float]
+    rank_checksums: list[str]
     stopped_by: str = "max_train_steps"
 
 
@@ -94,11 +97,13 @@ def segmented_lr_scheduler(name: str, optimizer, warmup_steps: int, segments: li
 
 
 def make_accelerator(cfg):
-    """The Accelerator for a TrainConfig: mixed precision, accumulation and optional torch.compile."""
+    """The Accelerator for a TrainConfig: mixed precision and optional torch.compile.
+
+    Accumulation is the trainer's own (phase-major, ``Trainer._optimizer_step``): accelerate's per-micro-batch
+    counter would gate optimiser steps inside the phase loop, wrong for several or repeated phases."""
     from accelerate import Accelerator
 
-    return Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-                       dynamo_backend="inductor" if cfg.torch_compile else "no")
+    return Accelerator(mixed_precision=cfg.mixed_precision, dynamo_backend="inductor" if cfg.torch_compile else "no")
 
 
 def rewrite_csv(path: Path, header: list[str], rows: list[dict]) -> None:
@@ -155,6 +160,7 @@ class Trainer:
         names = list(modules)
         prepared = acc.prepare(*modules.values(), *[self.optimizers[p] for p in phases])
         prepared = prepared if isinstance(prepared, tuple) else (prepared,)
+        self.method.unwrap = acc.unwrap_model
         self.method.set_trainable_modules(dict(zip(names, prepared[: len(names)])))
         self.optimizers = dict(zip(phases, prepared[len(names):]))
         segments = self.method.lr_segments()
@@ -220,6 +226,7 @@ class Trainer:
             start_checkpoint(tmp)
         acc.wait_for_everyone()
         save_rng_state(tmp, acc.process_index)
+        save_method_state(tmp, acc.process_index, self.method.extra_state())
         acc.wait_for_everyone()
         if acc.is_main_process:
             modules = {name: acc.unwrap_model(m) for name, m in self.method.state_modules().items()}
@@ -252,6 +259,7 @@ class Trainer:
         if self.ema is not None:
             load_ema(path, self.ema)
         restore_rng_state(path, acc.process_index)
+        self.method.load_extra_state(load_method_state(path, acc.process_index))
         self.step, self.batches_seen = int(state["step"]), int(state["batches_seen"])
         self.saved_step = self.step
         self.method.on_resume(self.step)
@@ -385,29 +393,15 @@ class Trainer:
             acc.print(f"[diffdistill] no checkpoint in {self.checkpoints_dir}; starting from step 0")
         self._open_loggers()
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        modules = list(self.method.trainable_modules().values())
         stream = self._batch_stream()
         t0, steps_at_start, last_logs, stopped_by = time.time(), self.step, {}, "max_train_steps"
+        log_sums: dict = {}
         bar = tqdm(total=cfg.max_train_steps, initial=self.step, disable=not acc.is_local_main_process,
                    desc=f"distill {self.method.name}", dynamic_ncols=True)
         try:
             while self.step < cfg.max_train_steps:
                 self._export_stages(self.method.before_step(self.step))
-                logs: dict = {}
-                for _ in range(cfg.gradient_accumulation_steps):
-                    batch = next(stream)
-                    with acc.accumulate(*modules):
-                        for phase in self.method.phases:
-                            with acc.autocast():
-                                loss, phase_logs = self.method.loss(phase, batch, self.step)
-                            self._check_finite(loss, phase, phase_logs)
-                            acc.backward(loss)
-                            if acc.sync_gradients and cfg.max_grad_norm > 0:
-                                acc.clip_grad_norm_(self.method.parameters(phase), cfg.max_grad_norm)
-                            self.optimizers[phase].step()
-                            self.optimizers[phase].zero_grad(set_to_none=True)
-                            prefix = "" if len(self.optimizers) == 1 else f"{phase}/"
-                            logs.update({prefix + k: v for k, v in phase_logs.items()})
+                logs = self._optimizer_step([next(stream) for _ in range(cfg.gradient_accumulation_steps)])
                 for sched in self.lr_schedulers.values():
                     sched.step()
                 self.step += 1
@@ -415,14 +409,12 @@ class Trainer:
                 if self.ema is not None:
                     student = acc.unwrap_model(self.method.student)
                     self.ema.step([p for p in student.parameters() if p.requires_grad])
-                rate = (self.step - steps_at_start) / max(time.time() - t0, 1e-9)
-                first = self.method.phases[0]
-                last_logs = {"step": self.step, "lr": self.lr_schedulers[first].get_last_lr()[0],
-                             **logs, "it_per_s": rate, "elapsed_s": time.time() - t0}
+                for k, v in logs.items():  # running sums on the device: no host sync until the log interval
+                    total, n = log_sums.get(k, (0, 0)) if torch.is_tensor(v) else (0, 0)  # numbers: the last
+                    log_sums[k] = (total + v, n + 1)
                 bar.update(1)
-                bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if "loss" in k})
                 if self.step % cfg.log_every == 0 or self.step == cfg.max_train_steps:
-                    self._log(last_logs)
+                    last_logs = self._flush_logs(log_sums, t0, steps_at_start, bar)
                 if cfg.checkpointing_steps and self.step % cfg.checkpointing_steps == 0:
                     self.save_checkpoint()
                 if cfg.validation_steps and self.step % cfg.validation_steps == 0:
@@ -435,6 +427,8 @@ class Trainer:
                     acc.print(f"[diffdistill] --max-train-minutes {cfg.max_train_minutes} reached at step {self.step}; "
                               "finishing the run here")
                     break
+            if log_sums:  # stopped between log intervals (--max-train-minutes)
+                last_logs = self._flush_logs(log_sums, t0, steps_at_start, bar)
             self._export_stages(self.method.before_step(self.step))
             if self.saved_step != self.step:  # this run's own final checkpoint, whatever else lies in the folder
                 self.save_checkpoint()
@@ -447,6 +441,59 @@ class Trainer:
         mem, kind = peak_memory_mb(acc.device)
         return TrainResult(self.step, (time.time() - t0) / 60, mem, kind, last_logs, self.rank_checksums(), stopped_by)
 
+    def _optimizer_step(self, micro_batches: list[dict]) -> dict:
+        """One optimiser step of every phase, in order, over the step's micro-batches; returns the logs (device
+        tensors, averaged over the micro-batches, prefixed by phase when there are several optimisers).
+
+        Phase-major: each phase (a repeated one included, e.g. DMD's extra fake-score updates) accumulates the
+        gradient of all k micro-batches (loss / k each, gradient sync only on the last) and then steps its own
+        optimiser once, so k micro-batches of size b give the update of one batch of k*b. Finiteness is checked
+        once per step (one host sync) after the updates; on failure the run stops without saving."""
+        acc, cfg, method = self.accelerator, self.cfg, self.method
+        k = len(micro_batches)
+        modules = list(method.trainable_modules().values())
+        logs, finite = {}, []
+        for phase in method.phases:
+            opt = self.optimizers[phase]
+            prefix = "" if len(self.optimizers) == 1 else f"{phase}/"
+            for i, batch in enumerate(micro_batches):
+                with contextlib.ExitStack() as stack:
+                    if i < k - 1:  # accumulate locally; the last micro-batch's backward all-reduces
+                        for m in modules:
+                            stack.enter_context(acc.no_sync(m))
+                    with acc.autocast():
+                        loss, phase_logs = method.loss(phase, batch, self.step)
+                    finite.append(torch.isfinite(loss.detach()).all())
+                    acc.backward(loss / k if k > 1 else loss)
+                for key, v in phase_logs.items():
+                    v = v / k if k > 1 else v
+                    logs[prefix + key] = logs[prefix + key] + v if (prefix + key) in logs and i else v
+            if cfg.max_grad_norm > 0:
+                acc.clip_grad_norm_(method.parameters(phase), cfg.max_grad_norm)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        if not bool(torch.stack(finite).all()):  # the one host synchronisation of the step
+            bad = sorted(key for key, v in logs.items() if not torch.isfinite(torch.as_tensor(v)).all())
+            raise NonFiniteError(f"non-finite loss at step {self.step + 1} (term {', '.join(bad) or 'loss'}); this "
+                                 f"step's update was not saved{self._last_good_note()}")
+        return logs
+
+    def _flush_logs(self, sums: dict, t0: float, steps_at_start: int, bar) -> dict:
+        """Log the means of ``sums`` (key -> (running sum, steps seen)) since the last log, empty it, return the
+        row. All device tensors travel to the host in one transfer: the only sync of the log interval."""
+        keys = [k for k, (v, _) in sums.items() if torch.is_tensor(v)]
+        means = {k: float(v) / n for k, (v, n) in sums.items() if not torch.is_tensor(v)}
+        if keys:
+            values = torch.stack([sums[k][0].detach().float().reshape(()) for k in keys]).cpu().tolist()
+            means.update({k: v / sums[k][1] for k, v in zip(keys, values)})
+        sums.clear()
+        rate = (self.step - steps_at_start) / max(time.time() - t0, 1e-9)
+        row = {"step": self.step, "lr": self.lr_schedulers[self.method.phases[0]].get_last_lr()[0],
+               **means, "it_per_s": rate, "elapsed_s": time.time() - t0}
+        bar.set_postfix({k: f"{v:.4g}" for k, v in means.items() if "loss" in k})
+        self._log(row)
+        return row
+
     def _out_of_time(self, t0: float) -> bool:
         """Whether --max-train-minutes has passed; the main process decides for every rank."""
         if not self.cfg.max_train_minutes:
@@ -458,23 +505,26 @@ class Trainer:
 
         return bool(broadcast(torch.tensor([float(late)], device=self.accelerator.device), from_process=0).item())
 
-    def rank_checksums(self) -> list[float]:
-        """Sum of the student's weights on every rank (float64): equal on all ranks when DDP kept them in sync."""
-        student = self.accelerator.unwrap_model(self.method.student)
-        total = torch.stack([p.detach().double().sum() for p in student.state_dict().values()]).sum()
-        return self.accelerator.gather(total.reshape(1).to(self.accelerator.device)).cpu().tolist()
+    def rank_checksums(self) -> list[str]:
+        """SHA-256 of the student's state dict on every rank, in rank order: equal on all ranks exactly when DDP
+        kept every weight bit-identical (a sum of weights misses differences that cancel or sit below its
+        rounding). Hashes each tensor's name and raw bytes in sorted key order, so the ``model_student.safetensors``
+        of a full (non-LoRA) checkpoint of the same step gives the same digest."""
+        import hashlib
+
+        from accelerate.utils import gather_object
+
+        state = self.accelerator.unwrap_model(self.method.student).state_dict()
+        digest = hashlib.sha256()
+        for key in sorted(state):
+            digest.update(key.encode() + b"\0")
+            digest.update(state[key].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        return gather_object([digest.hexdigest()])
 
     def _last_good_note(self) -> str:
         """'; last good checkpoint: ...' (this run's newest whole one, to resume from), or that there is none."""
         last = newest_valid_checkpoint(self.checkpoints_dir, self.run_id) if self.saved_step is not None else None
         return f"; last good checkpoint: {last}" if last else "; no checkpoint was written yet"
-
-    def _check_finite(self, loss: torch.Tensor, phase: str, logs: dict) -> None:
-        if torch.isfinite(loss).all():
-            return
-        bad = [k for k, v in logs.items() if isinstance(v, float) and not math.isfinite(v)] or ["loss"]
-        raise NonFiniteError(f"non-finite loss at step {self.step + 1} (phase {phase}, term {bad[0]} = "
-                             f"{float(loss.detach().float().mean())}){self._last_good_note()}")
 
     def _check_weights(self) -> None:
         """Raise NonFiniteError when a trained weight (or the student EMA) holds a NaN/inf: one host sync,

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -112,6 +114,80 @@ def test_help_on_every_command(capsys):
         assert flag in text, flag
     # a flag several methods share names each of them in its help
     assert "--method add, dmd, sds" in " ".join(text.split())
+    # former names parse (to be refused with their replacement's name) but are not offered
+    for gone in ("--guidance-scale", "--recommended-guidance-scale", "--uncond-prob"):
+        assert not re.search(rf"(?<![\w-]){gone}(?![\w-])", text), gone
+
+
+def _method_flags() -> dict[str, set[str]]:
+    from diffdistill.methods import METHODS
+
+    return {name: {"--" + f.name.replace("_", "-") for f in dataclasses.fields(spec.config_cls)}
+            for name, spec in METHODS.items()}
+
+
+@pytest.mark.parametrize("method", ["lcm", "progressive", "add", "dmd", "sds"])
+def test_help_of_one_method_lists_only_its_flags(method, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["distill", "--method", method, "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    flags = _method_flags()
+    offered = set(re.findall(r"^  (--[\w-]+)", text, re.MULTILINE))  # the option lines (help may cite others)
+    assert offered & set().union(*flags.values()) == flags[method]
+    assert "--export-guidance-scale" in text and "--max-train-steps" in text  # the run's own flags stay
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--method", "sds", "--fake-updates", "2"], "--fake-updates is an option of --method dmd, not of --method sds"),
+    (["--method", "sds", "--gan-weight", "1"], "--gan-weight is an option of --method dmd"),
+    (["--method", "dmd", "--weighting", "uniform"], "--weighting is an option of --method sds, not of --method dmd"),
+    (["--method", "progressive", "--guidance-scale", "7.5"], "run option --export-guidance-scale"),
+    (["--method", "sds", "--guidance-scale", "2"], "use --teacher-guidance-scale"),
+    (["--recommended-guidance-scale", "2"], "use --export-guidance-scale"),
+    (["--uncond-prob", "0.1"], "--uncond-prob"),
+])
+def test_wrong_method_and_former_flags_are_one_line_usage_errors(argv, needle, tmp_path, capsys):
+    assert main(["distill", *argv, "--output", str(tmp_path / "run"), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_flag_two_methods_define_differently_is_refused_when_the_parser_is_built():
+    from diffdistill.cli import build_parser, shared_flags
+    from diffdistill.config import SECTIONS, RunConfig, opt
+
+    def toy(**fields):  # a config dataclass with fields name=(default, help)
+        return dataclasses.make_dataclass("Toy", [(n, type(d), opt(d, h)) for n, (d, h) in fields.items()])
+
+    A = toy(scale=(2.0, "the teacher's guidance"), steps_a=(1, "a's own"))
+    Same = toy(scale=(2.0, "the teacher's guidance"))
+    DefaultDiffers = toy(scale=(0.0, "the teacher's guidance"))
+    HelpDiffers = toy(scale=(2.0, "the export's guidance"))
+    TakesARunFlag = toy(seed=(0, "a method's own seed"))
+    assert shared_flags({"a": A, "same": Same}) == {"scale": ["a", "same"], "steps_a": ["a"]}
+    for other in (DefaultDiffers, HelpDiffers):
+        with pytest.raises(TypeError, match="--scale is declared by a .* and by b"):
+            shared_flags({"a": A, "b": other})
+    with pytest.raises(TypeError, match="--seed of m"):
+        shared_flags({"m": TakesARunFlag}, (RunConfig, *SECTIONS.values()))
+    build_parser()  # the real methods' configs pass
+
+
+def test_export_guidance_scale_is_the_method_choice_unless_given():
+    from diffdistill.config import RunConfig
+    from diffdistill.methods import build_method_config, get_method
+
+    def recommended(method, export=-1.0, **kw):
+        run = RunConfig(method=method, steps=1 if method in ("dmd", "sds") else 4, export_guidance_scale=export)
+        return get_method(method).method_cls(build_method_config(method, kw, "test"), run).recommended_guidance_scale
+
+    assert recommended("lcm", w_min=1.0, w_max=3.0) == 2.0  # the middle of the trained range
+    assert recommended("lcm", w_min=1.0, w_max=3.0, lora_rank=4, ema_decay=0.0) == 1.0  # baked into a LoRA
+    assert recommended("progressive", w_min=2.0, w_max=14.0) == 8.0
+    assert recommended("dmd", teacher_guidance_scale=1.75) == 1.0  # the teacher's scale is not the export's
+    assert recommended("lcm", 7.5) == 7.5 and recommended("dmd", 1.5, teacher_guidance_scale=4.0) == 1.5
 
 
 def test_dry_run_prints_resolved_config(tiny_sd, tmp_path, capsys):
@@ -136,6 +212,8 @@ def _bad_cases(tiny_sd: str, tmp: Path):
     unknown.write_text("train:\n  learnin_rate: 1\n")
     listed = tmp / "listed.yaml"
     listed.write_text("train:\n  - 1\n  - 2\n")
+    former = tmp / "former.yaml"  # a preset written before --guidance-scale was split in two
+    former.write_text("method: add\nmethod_args:\n  guidance_scale: 1.5\n")
     folders = {}
     for name, rows in {"nulltext": [{"file_name": "0.png", "text": None}],
                        "dotdot": [{"file_name": "../afile.txt", "text": "a"}],
@@ -150,49 +228,64 @@ def _bad_cases(tiny_sd: str, tmp: Path):
 
     cpu_only = [([*d, "--mixed-precision", "fp16"], "fp16 needs a GPU")] if not torch.cuda.is_available() else []
     return [*cpu_only,
-        ([*d, "--adam-beta1", "2"], "--adam-beta1"),
-        ([*d, "--adam-epsilon", "-1"], "--adam-epsilon"),
+        # needles: the phrase that names what is wrong, not just the flag (argparse's own "unrecognized
+        # arguments: --flag" would match that too)
+        ([*d, "--adam-beta1", "2"], "--adam-beta1 must be in [0, 1), got 2.0"),
+        ([*d, "--adam-epsilon", "-1"], "--adam-epsilon must be >= 0, got -1.0"),
         ([*d, "--benchmark-samples", "10"], "--benchmark-samples must be 0"),
-        ([*d, "--seed", "-1"], "--seed"),
-        ([*d, "--seed", str(2**32)], "--seed"),
-        ([*d, "--recommended-guidance-scale", "inf"], "--recommended-guidance-scale"),
-        ([*d, "--learning-rate", "inf"], "--learning-rate"),
-        ([*d, "--learning-rate", "1e300"], "--learning-rate"),
+        ([*d, "--seed", "-1"], "--seed must be in [0, 2**32), got -1"),
+        ([*d, "--seed", str(2**32)], "--seed must be in [0, 2**32), got 4294967296"),
+        ([*d, "--export-guidance-scale", "inf"], "--export-guidance-scale expects a finite number, got 'inf'"),
+        # former names: one line naming what replaced them, never silently ignored
+        ([*d, "--recommended-guidance-scale", "2"], "use --export-guidance-scale"),
+        ([*d, "--method", "lcm", "--guidance-scale", "2"], "run option --export-guidance-scale"),
+        ([*d, "--method", "dmd", "--guidance-scale", "2"], "use --teacher-guidance-scale"),
+        ([*d, "--uncond-prob", "0.1"], "--uncond-prob (uncond_prob in data settings) was removed"),
+        ([*d, "--config", str(former)], "use --teacher-guidance-scale"),
+        (["sds", "--prompt", "a", "--guidance-scale", "2"], "use --teacher-guidance-scale"),
+        # an option of another method
+        ([*d, "--method", "sds", "--fake-updates", "2"], "--fake-updates is an option of --method dmd, not of --method sds"),
+        ([*d, "--method", "dmd", "--weighting", "uniform"], "--weighting is an option of --method sds"),
+        ([*d, "--method", "add", "--w-min", "2"], "--w-min is an option of --method lcm, progressive"),
+        ([*d, "--learning-rate", "inf"], "--learning-rate expects a finite number, got 'inf'"),
+        ([*d, "--learning-rate", "1e300"], "--learning-rate 1e+300 is too large"),
         ([*d, "--config", str(listed)], "'train:'"),
         ([*d, "--dataset", str(folders["nulltext"])], "must be a string"),
-        ([*d, "--dataset", str(folders["dotdot"])], "outside"),
-        ([*d, "--dataset", str(folders["absolute"])], "outside"),
+        ([*d, "--dataset", str(folders["dotdot"])], "file_name '../afile.txt' points outside"),
+        ([*d, "--dataset", str(folders["absolute"])], f"file_name '{afile}' points outside"),
         ([*d, "--dataset", str(folders["corrupt"])], "not a readable image"),
-        (["sds", "--prompt", "a", "--seed", "-1"], "--seed"),
-        (["distill", "--teacher", str(tmp / "missing")], "not found"),
-        (["distill", "--teacher", str(afile)], "is a file"),
-        (["distill", "--teacher", str(notpipe)], "model_index.json"),
-        ([*d, "--steps", "0"], "--steps"),
-        ([*d, "--steps", "four"], "--steps"),
-        ([*d, "--batch-size", "1.5"], "--batch-size"),
-        ([*d, "--method", "magic"], "unknown method"),
-        ([*d, "--loss-type", "l3"], "--loss-type"),
-        ([*d, "--w-min", "5", "--w-max", "2"], "--w-min"),
-        ([*d, "--lora-rank", "0"], "--lora-rank"),
-        ([*d, "--lora-rank", "4", "--ema-decay", "0.9"], "--ema-decay"),
-        ([*d, "--learning-rate", "-1"], "--learning-rate"),
-        ([*d, "--mixed-precision", "fp8"], "--mixed-precision"),
-        ([*d, "--steps", "60"], "--num-ddim-timesteps"),
-        ([*d, "--dataset", str(tmp / "nodata") + "/"], "--dataset"),
+        (["sds", "--prompt", "a", "--seed", "-1"], "--seed must be in [0, 2**32), got -1"),
+        (["distill", "--teacher", str(tmp / "missing")], f"teacher not found: {tmp / 'missing'}"),
+        (["distill", "--teacher", str(afile)], "is a file, not a diffusers pipeline folder"),
+        (["distill", "--teacher", str(notpipe)], "is not a diffusers pipeline (no model_index.json)"),
+        ([*d, "--steps", "0"], "--steps must be > 0, got 0"),
+        ([*d, "--steps", "four"], "--steps expects an integer, got 'four'"),
+        ([*d, "--batch-size", "1.5"], "--batch-size expects an integer, got '1.5'"),
+        ([*d, "--method", "magic"], "unknown method 'magic'"),
+        ([*d, "--loss-type", "l3"], "--loss-type must be one of l2, huber, got 'l3'"),
+        ([*d, "--w-min", "5", "--w-max", "2"], "--w-min (5.0) must not exceed --w-max (2.0)"),
+        ([*d, "--lora-rank", "0"], "--lora-rank must be > 0, got 0"),
+        ([*d, "--lora-rank", "4", "--ema-decay", "0.9"], "--ema-decay must be 0 with --lora-rank"),
+        ([*d, "--learning-rate", "-1"], "--learning-rate must be > 0, got -1.0"),
+        ([*d, "--mixed-precision", "fp8"], "--mixed-precision must be one of no, fp16, bf16, got 'fp8'"),
+        ([*d, "--steps", "60"], "--steps (60) must not exceed --num-ddim-timesteps (50)"),
+        ([*d, "--dataset", str(tmp / "nodata") + "/"], "nodata/': no such folder or file"),
         ([*d, "--config", str(tmp / "missing.yaml")], "config file not found"),
         ([*d, "--config", str(badyaml)], "not valid YAML"),
-        ([*d, "--config", str(unknown)], "learnin_rate"),
-        ([*d, "--gradient-checkpointing", "maybe"], "--gradient-checkpointing"),
-        ([*d, "--enable-xformers"], "xformers"),
+        ([*d, "--config", str(unknown)], "unknown option(s) learnin_rate in train settings"),
+        ([*d, "--gradient-checkpointing", "maybe"], "--gradient-checkpointing expects true/false, got 'maybe'"),
+        ([*d, "--enable-xformers"], "--enable-xformers needs xformers"),
         ([*d, "--method", "progressive", "--steps", "3"], "nearest valid values: 2, 4"),
-        ([*d, "--method", "add", "--feature-network", "dinov2-giant"], "--feature-network"),
+        ([*d, "--method", "add", "--feature-network", "dinov2-giant"],
+         "--feature-network 'dinov2-giant': not 'teacher' and not a local model folder"),
         ([*d, "--method", "dmd", "--steps", "4"], "--steps must be 1"),
-        (["distill", "--teacher", tiny_sd, "--output", str(afile / "sub")], "--output"),
-        (["bench", str(tmp / "missing"), "--steps", "1", "--output", "OUT"], "missing"),
-        (["bench", str(notpipe), "--steps", "1", "--output", "OUT"], "notpipe"),
-        (["bench", tiny_sd, "--steps", "0", "--output", "OUT"], "0"),
-        (["bench", tiny_sd, "--steps", "a,b", "--output", "OUT"], "a,b"),
-        (["export", str(notpipe), "--output", "OUT"], "config.yaml"),
+        (["distill", "--teacher", tiny_sd, "--output", str(afile / "sub")], f"{afile} exists and is not a folder"),
+        (["bench", str(tmp / "missing"), "--steps", "1", "--output", "OUT"], f"pipeline folder not found: {tmp / 'missing'}"),
+        (["bench", str(notpipe), "--steps", "1", "--output", "OUT"],
+         f"pipeline folder {notpipe} is not a diffusers pipeline (no model_index.json)"),
+        (["bench", tiny_sd, "--steps", "0", "--output", "OUT"], "--steps values must be > 0, got 0"),
+        (["bench", tiny_sd, "--steps", "a,b", "--output", "OUT"], "--steps must be a comma list of positive integers, got 'a,b'"),
+        (["export", str(notpipe), "--output", "OUT"], f"{notpipe} is not a distill run folder (no config.yaml)"),
     ]
 
 
@@ -219,4 +312,65 @@ def test_bad_invocations_fail_with_one_line_and_write_nothing(tiny_sd, tmp_path,
         assert needle in err, (argv, err)
         assert not (work / "OUT").exists(), argv
     assert list(work.iterdir()) == []
+
+
+def _can_write_in(folder: Path) -> bool:
+    """Whether this process can create entries in ``folder`` (root can in a 0555 folder: no permission check)."""
+    try:
+        (folder / "probe").mkdir()
+    except PermissionError:
+        return False
+    (folder / "probe").rmdir()
+    return True
+
+
+@pytest.mark.parametrize("where", ["under a file", "under /proc", "in a read-only folder"])
+@pytest.mark.parametrize("command", ["distill", "bench", "export", "sds"])
+def test_an_output_no_one_can_write_is_one_line_before_any_work(command, where, tiny_sd, tmp_path, capsys,
+                                                                 monkeypatch):
+    """Each command probes the folder it writes before it loads anything: a path under a regular file, on a
+    virtual filesystem (refused even to root) or without permission is one line, exit 2, and nothing written."""
+    (tmp_path / "file.txt").write_text("x")
+    (tmp_path / "ro").mkdir(mode=0o555)
+    if where == "in a read-only folder" and _can_write_in(tmp_path / "ro"):
+        pytest.skip("permissions do not stop this process (root); the other two places are refused to root too")
+    if where == "under /proc" and not Path("/proc/self").is_dir():
+        pytest.skip("no /proc on this system")
+    out, refusal = {
+        "under a file": (tmp_path / "file.txt" / "out", f"{tmp_path / 'file.txt'} exists and is not a folder"),
+        "under /proc": (Path("/proc/diffdistill-test/out"), "cannot write in /proc"),
+        "in a read-only folder": (tmp_path / "ro" / "out", f"cannot write in {tmp_path / 'ro'} (Permission denied)"),
+    }[where]
+
+    def work(*args, **kwargs):
+        raise AssertionError("work started before --output was checked")
+
+    for loader in ("diffdistill.distill.load_teacher", "diffdistill.export_run.load_teacher",
+                   "diffdistill.teachers.load_teacher", "diffdistill.eval.bench.run_bench"):
+        monkeypatch.setattr(loader, work)
+    argv = {"distill": ["distill", "--teacher", tiny_sd], "bench": ["bench", tiny_sd, "--steps", "1"],
+            "export": ["export", str(tmp_path / "no-such-run")],
+            "sds": ["sds", "--teacher", tiny_sd, "--prompt", "a handwritten digit 1"]}[command]
+    before = sorted(tmp_path.rglob("*"))
+    assert main([*argv, "--output", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"error: --output {out}: {refusal}"), err
+    assert sorted(tmp_path.rglob("*")) == before and not out.exists()
+
+
+def test_a_run_folder_in_a_read_only_folder_is_enough_for_distill_only(tmp_path):
+    """distill writes inside its run folder; export, sds and bench build theirs beside it and rename it in."""
+    from diffdistill.errors import UserError
+    from diffdistill.outputs import check_output
+
+    (tmp_path / "ro" / "out").mkdir(parents=True)
+    (tmp_path / "ro").chmod(0o555)
+    try:
+        if _can_write_in(tmp_path / "ro"):
+            pytest.skip("permissions do not stop this process (root)")
+        assert check_output(tmp_path / "ro" / "out", "distill", overwrite=False) is False
+        with pytest.raises(UserError, match=f"cannot write in {tmp_path / 'ro'} "):
+            check_output(tmp_path / "ro" / "out", "export", overwrite=False)
+    finally:
+        (tmp_path / "ro").chmod(0o755)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tolerance import assert_close_at_scale
 
 from diffdistill.config import RunConfig
 from diffdistill.denoiser import Denoiser, consistency_output, guidance_embedding, to_x0_eps
@@ -180,8 +181,9 @@ def test_lora_export_round_trip(tiny_sd, tmp_path):
         got = pipe.unet(x, t, encoder_hidden_states=cond).sample
         fused = m.fused_lora_unet(lambda x: x)(x, t, encoder_hidden_states=cond).sample
         base = teacher.unet(x, t, encoder_hidden_states=cond).sample
-    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(fused, ref, atol=1e-5, rtol=1e-4)
+    # W x + B (A x) against diffusers' own LoRA layers and against (W + B A) x: float32 sums in another order
+    assert_close_at_scale(got, ref)
+    assert_close_at_scale(fused, ref)
     assert (ref - base).abs().max() > 1e-3  # the LoRA really changes the output
 
 

@@ -122,13 +122,13 @@ def test_inception_without_local_weights_is_user_error(real_digits, tmp_path, mo
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))  # an empty hub cache
     with pytest.raises(UserError, match="inception-v3-compat needs local weights"):
         fidelity.compute_metrics(real_digits[:10], real_digits[10:20], feature_extractor="inception-v3-compat")
-    with pytest.raises(UserError, match="not found"):
+    with pytest.raises(UserError, match=r"Inception weights file not found: .*missing\.pth"):
         fidelity.compute_metrics(real_digits[:10], real_digits[10:20], feature_extractor="inception-v3-compat",
                                  inception_weights=tmp_path / "missing.pth")
 
 
 def test_bad_images_are_user_errors(real_digits):
-    with pytest.raises(UserError, match="uint8"):
+    with pytest.raises(UserError, match=r"expected dtype uint8 \(0\.\.255\), got torch\.float32"):
         fidelity.compute_metrics(real_digits[:10].float(), "digits")
     with pytest.raises(UserError, match="at least 2"):
         fidelity.compute_metrics(real_digits[:1], "digits")

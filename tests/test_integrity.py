@@ -87,15 +87,18 @@ def test_export_and_sds_replace_only_their_own_earlier_output(tiny_run, tmp_path
     (mine / "keep.txt").write_text("x")
     afile = tmp_path / "f.txt"
     afile.write_text("x")
-    refused = [["export", str(tiny_run), "--output", str(mine)],
-               ["export", str(tiny_run), "--output", str(mine), "--overwrite"],
-               ["export", str(tiny_run), "--output", str(afile), "--overwrite"],
-               ["export", str(tiny_run), "--output", str(tiny_run / "pipeline"), "--overwrite"],  # distill's, not export's
-               ["sds", "--prompt", "a handwritten digit 1", "--output", str(mine), "--overwrite"],
-               ["sds", "--prompt", "a handwritten digit 1", "--output", str(afile), "--overwrite"]]
-    for argv in refused:
+    users = f"--output {mine} is not empty and was not written by diffdistill"
+    refused = [(["export", str(tiny_run), "--output", str(mine)], f"{users} export"),
+               (["export", str(tiny_run), "--output", str(mine), "--overwrite"], f"{users} export"),
+               (["export", str(tiny_run), "--output", str(afile), "--overwrite"], f"{afile} exists and is not a folder"),
+               (["export", str(tiny_run), "--output", str(tiny_run / "pipeline"), "--overwrite"],  # distill's, not export's
+                "pipeline is not empty and was not written by diffdistill export"),
+               (["sds", "--prompt", "a handwritten digit 1", "--output", str(mine), "--overwrite"], f"{users} sds"),
+               (["sds", "--prompt", "a handwritten digit 1", "--output", str(afile), "--overwrite"],
+                f"{afile} exists and is not a folder")]
+    for argv, needle in refused:
         assert main(argv) == 2, argv
-        assert "--output" in _one_line(capsys)
+        assert needle in _one_line(capsys), argv
     assert [p.name for p in mine.iterdir()] == ["keep.txt"] and (mine / "keep.txt").read_text() == "x"
     assert afile.read_text() == "x"
     out = tmp_path / "exported"

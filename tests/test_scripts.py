@@ -46,3 +46,19 @@ def test_gpu_smoke_runs_on_cpu_with_tiny(tmp_path):
     res = json.loads((tmp_path / "smoke" / "results.json").read_text())
     assert res["train_steps"] == 3 and res["it_per_s"] > 0 and len(res["loss_trend"]) == 3
     assert (Path(res["export"]) / "model_index.json").is_file()
+
+
+@pytest.mark.parametrize("preset", sorted(p.relative_to(ROOT).as_posix() for p in ROOT.glob("train_scripts/*/*.yaml")))
+def test_shipped_yaml_presets_resolve_with_their_guidance(preset, tmp_path, capsys):
+    """Every preset resolves under today's option names (a former key would be a one-line error), and the two
+    guidance notions keep the values the shipped students were trained and exported with."""
+    from diffdistill.cli import main
+
+    assert main(["distill", "--config", str(ROOT / preset), "--output", str(tmp_path / "run"), "--dry-run"]) == 0
+    cfg = json.loads(capsys.readouterr().out)["config"]
+    teacher = {"digits/add.yaml": 1.5, "digits/dmd.yaml": 1.5, "digits/sds.yaml": 2.0, "sd15/add.yaml": 7.5,
+               "sd15/dmd.yaml": 1.75}
+    export = {"digits/lcm.yaml": 1.5, "digits/progressive.yaml": 1.5, "sd15/lcm.yaml": 8.0, "sd15/progressive.yaml": 7.5}
+    name = preset.removeprefix("train_scripts/")
+    assert cfg["method_args"].get("teacher_guidance_scale") == teacher.get(name)
+    assert cfg["export_guidance_scale"] == export.get(name, -1.0)

@@ -59,7 +59,8 @@ def card_table(report: dict, label: str) -> str:
     return table
 
 
-def write_card(folder: Path, name: str, preset: Path, run_dir: Path, table: str | None, report_path: str | None) -> None:
+def write_card(folder: Path, name: str, preset: Path, run_dir: Path, table: str | None, report_path: str | None,
+               threads: str = "one thread") -> None:
     """README.md: what the student is, its recipe and training cost, how to load it, what was measured."""
     info = json.loads((folder / "diffdistill.json").read_text())
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -83,11 +84,16 @@ def write_card(folder: Path, name: str, preset: Path, run_dir: Path, table: str 
         f"- method: `{info['method']}`, intended steps: {steps}, recommended guidance_scale: {guidance:g}"
         + (" (baked in: any guidance_scale gives the same images)" if info.get("guidance_baked") else ""),
         f"- training: {summary.get('train_steps')} iterations, {summary.get('train_minutes')} minutes of training "
-        f"({summary.get('total_minutes')} in all) on a 2-core CPU, one thread, beside other jobs; peak "
+        f"({summary.get('total_minutes')} in all) on a 2-core CPU, {threads}, beside "
+        f"other jobs; peak "
         f"memory {summary.get('peak_memory_mb')} MB ({summary.get('memory_kind')}); stopped by "
         f"{summary.get('stopped_by')}",
         "- weights: stored in float16 (they load as float32); the table below was measured on this folder",
     ]
+    stage = info.get("stage")
+    if stage:  # a progressive stage: the run went on past it
+        lines.insert(-1, f"- this is the run's stage `{stage}`, exported when that stage finished (the figures above "
+                         "are the whole run's, which went on to fewer steps)")
     if table:
         lines += ["", "## Measured quality", "",
                   f"From `{report_path}` (`diffdistill bench`, digits-classifier features, intervals at the level "
@@ -107,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--label", default=None, help="the report's line label of this student (default: --name)")
     p.add_argument("--card-only", action="store_true", help="rewrite only README.md of an already shipped folder")
     p.add_argument("--overwrite", action="store_true", help="replace an existing pipelines/NAME")
+    p.add_argument("--threads", default="one thread", help="how the run used the CPU, for the card")
     args = p.parse_args(argv)
 
     dest = ROOT / "pipelines" / args.name
@@ -122,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.card_only:
         if not (dest / "model_index.json").is_file():
             sys.exit(f"error: {dest} holds no shipped pipeline")
-        write_card(dest, args.name, preset, args.run_dir, table, args.report)
+        write_card(dest, args.name, preset, args.run_dir, table, args.report, args.threads)
         return 0
     if dest.exists() and not args.overwrite:
         sys.exit(f"error: {dest} exists; pass --overwrite to replace it")
@@ -131,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         shutil.copytree(source, tmp, ignore=shutil.ignore_patterns("README.md", "*.png"))
         saved = halve_weights(tmp)
-        write_card(tmp, args.name, preset, args.run_dir, table, args.report)
+        write_card(tmp, args.name, preset, args.run_dir, table, args.report, args.threads)
         replace_dir(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -10,4 +10,4 @@ mkdir -p "$tmp/checkpoints/$(basename "$ckpt")"
 cp "$run/config.yaml" "$tmp/"
 for f in "$ckpt"/*; do case $f in *ema*) ;; *) ln -s "$f" "$tmp/checkpoints/$(basename "$ckpt")/";; esac; done
 ln -s "$snap" "$tmp/checkpoints/$(basename "$ckpt")/ema.safetensors"
-diffdistill export "$tmp" --output "$out"
+"${PYTHON:-python}" -m diffdistill.cli export "$tmp" --output "$out"  # PYTHON: the interpreter with diffdistill

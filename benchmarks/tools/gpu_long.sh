@@ -11,23 +11,24 @@ OUT=${OUT:?set OUT}; DEVICE=${DEVICE:-cuda}; MINUTES=${MINUTES:-4.5}; SAMPLES=${
 PROG_ITERS=${PROG_ITERS:-800}; BATCH=${BATCH:-256}; BENCH_BATCH=${BENCH_BATCH:-250}
 W=${WORK:-/tmp/gpu_long_runs}; rm -rf "$W"; mkdir -p "$W" "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
-DD="python -m diffdistill.cli"
-(nvidia-smi || true; python -c "import torch,diffusers,transformers,peft,accelerate;print(torch.__version__,diffusers.__version__,transformers.__version__,peft.__version__,accelerate.__version__)") > "$W/env.txt" 2>&1
+PY=${PYTHON:-python}  # the interpreter that has diffdistill installed (tests pass their own)
+DD=("$PY" -m diffdistill.cli)
+(nvidia-smi || true; "$PY" -c "import torch,diffusers,transformers,peft,accelerate;print(torch.__version__,diffusers.__version__,transformers.__version__,peft.__version__,accelerate.__version__)") > "$W/env.txt" 2>&1
 common="--benchmark-samples 0 --checkpointing-steps 1000 --validation-steps 1000 --log-every 20 --max-train-minutes $MINUTES"
 job() {  # name, preset, extra flags...
   local name=$1 preset=$2; shift 2
-  $DD distill --config "train_scripts/digits/$preset.yaml" --output "$W/$name" $common "$@" > "$W/$name.log" 2>&1
+  "${DD[@]}" distill --config "train_scripts/digits/$preset.yaml" --output "$W/$name" $common "$@" > "$W/$name.log" 2>&1
   echo "$name distill rc=$?" >> "$W/status.txt"
 }
 bench() {  # name, flags..., folders...
   local name=$1; shift
-  $DD bench --output "$W/bench_$name" --num-samples $SAMPLES --device $DEVICE --batch-size $BENCH_BATCH --no-progress "$@" \
+  "${DD[@]}" bench --output "$W/bench_$name" --num-samples $SAMPLES --device $DEVICE --batch-size $BENCH_BATCH --no-progress "$@" \
     > "$W/bench_$name.log" 2>&1
   echo "bench $name rc=$?" >> "$W/status.txt"
 }
 smoke() {  # SD-1.5-sized fp16 LCM smoke test of the CUDA path, 10 steps
   [ "$DEVICE" = cuda ] || return 0
-  timeout 200 python benchmarks/tools/gpu_smoke.py --output "$W/smoke" --steps 10 > "$W/smoke.log" 2>&1
+  timeout 200 "$PY" benchmarks/tools/gpu_smoke.py --output "$W/smoke" --steps 10 > "$W/smoke.log" 2>&1
   echo "smoke rc=$?" >> "$W/status.txt"
 }
 
@@ -41,7 +42,7 @@ else
   job lcm_w1-3 lcm --batch-size $BATCH --max-train-steps 100000 --w-max 3 &
   job lcm_lora lcm_lora --batch-size $BATCH --max-train-steps 100000 &
   job progressive progressive --batch-size $BATCH --guidance-iters $PROG_ITERS --iters-per-stage $PROG_ITERS \
-    --max-train-minutes $(python -c "print($MINUTES * 1.3)") &
+    --max-train-minutes $("$PY" -c "print($MINUTES * 1.3)") &
   job add add --batch-size 128 --max-train-steps 100000 &
   job add_ema add --batch-size 128 --max-train-steps 100000 --student-ema-decay 0.999 &
   job dmd dmd --batch-size 128 --max-train-steps 100000 &
@@ -56,7 +57,7 @@ if [ "$SET" = lcm ]; then
   bench lcm_ema --steps 1,2,4,8 --guidance 1.5,7.5 "$W/lcm_ema_b256/pipeline" "$W/lcm_ema_b64/pipeline" \
     --labels lcm_ema_b256,lcm_ema_b64 &
   wait
-  python benchmarks/tools/gpu_long_collect.py "$W" "$OUT" lcm_ema_b256 lcm_ema_b64
+  "$PY" benchmarks/tools/gpu_long_collect.py "$W" "$OUT" lcm_ema_b256 lcm_ema_b64
   exit
 fi
 bench teacher assets/digits-sd --steps 1,2,4,8,50 --guidance 1.5 \
@@ -72,4 +73,4 @@ bench dmd --steps 1 --guidance 1 "$W/dmd/pipeline" "$W/dmd_ema_reg/pipeline" "$W
 smoke &
 wait
 echo "bench wall s: $(( $(date +%s) - t1 ))" >> "$W/status.txt"
-python benchmarks/tools/gpu_long_collect.py "$W" "$OUT"
+"$PY" benchmarks/tools/gpu_long_collect.py "$W" "$OUT"

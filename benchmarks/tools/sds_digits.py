@@ -17,7 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from diffdistill.digits import DIGIT_PROMPTS, caption_to_label
-from diffdistill.sds_optimize import SDSConfig, run_sds
+from diffdistill.sds_optimize import SDSOptimizeConfig, run_sds
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", type=Path, required=True, help="folder for results.json/.md and the PNG strips")
     p.add_argument("--num-images", type=int, default=8, help="seeds per prompt (default: %(default)s)")
     p.add_argument("--iters", type=int, default=300, help="SDS steps per prompt (default: %(default)s)")
-    p.add_argument("--guidance-scale", type=float, default=7.5, help="teacher CFG (default: %(default)s)")
+    p.add_argument("--teacher-guidance-scale", type=float, default=7.5, help="teacher CFG (default: %(default)s)")
     p.add_argument("--teacher", default="assets/digits-sd", help="teacher pipeline folder (default: %(default)s)")
     args = p.parse_args(argv)
 
@@ -34,8 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for prompt in DIGIT_PROMPTS:
             digit = caption_to_label(prompt)
-            cfg = SDSConfig(teacher=args.teacher, prompt=prompt, output=str(Path(tmp) / f"d{digit}"),
-                            num_images=args.num_images, iters=args.iters, guidance_scale=args.guidance_scale, seed=digit)
+            cfg = SDSOptimizeConfig(teacher=args.teacher, prompt=prompt, output=str(Path(tmp) / f"d{digit}"),
+                                    num_images=args.num_images, iters=args.iters,
+                                    teacher_guidance_scale=args.teacher_guidance_scale, seed=digit)
             t = time.time()
             res = run_sds(cfg)
             rows.append({"prompt": prompt, "digit": digit, "predicted": res["predicted_digits"],

@@ -21,6 +21,7 @@ from diffdistill.digits import DIGIT_PROMPTS, caption_to_label
 from diffdistill.errors import UserError, require
 from diffdistill.eval import fidelity
 from diffdistill.loading import check_pipeline_folder
+from diffdistill.outputs import check_writable
 
 DEFAULT_STEPS = "1,2,4,8,50"
 # Images per cell. On digits-SD, 1,000 paired samples resolve the teacher's 4- from its 50-step DDIM;
@@ -350,14 +351,12 @@ class BenchConfig:
                 f"--labels must not contain ':', '@' or ',', got {self.labels}")
         parse_compare(self.compare, self.labels, self.steps)  # run_bench parses it again; errors belong here
         out = Path(self.output)
-        require(not out.exists() or out.is_dir(), f"--output {out} exists and is not a folder")
+        check_writable(out)  # a file on the way, a read-only or virtual filesystem, no permission
         if out.is_dir() and any(out.iterdir()):
             require(self.overwrite, f"--output {out} is not empty; pass --overwrite to replace an earlier report")
             # Never delete a folder that is not one of our reports.
             require(is_bench_report(out), f"--output {out} is not empty and holds no bench report.json; "
                                           "choose a new or empty folder")
-        ancestor = next(p for p in [out, *out.absolute().parents] if p.exists())
-        require(os.access(ancestor, os.W_OK), f"--output {out}: {ancestor} is not writable")
         self.output = str(out)
 
     @property

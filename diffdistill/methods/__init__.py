@@ -6,14 +6,16 @@ function, and a ``DistillMethod`` subclass giving the shared trainer its few hoo
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
+from ..config import build_dataclass
 from ..errors import require
 from .adversarial import AdversarialConfig, AdversarialDistillation
 from .base import DistillMethod
 from .consistency import ConsistencyConfig, ConsistencyDistillation
 from .progressive import ProgressiveConfig, ProgressiveDistillation
-from .score import DistributionMatchingDistillation, ScoreConfig, ScoreDistillation
+from .score import DistributionMatchingDistillation, DMDConfig, ScoreDistillation, SDSConfig
 
 
 @dataclass(frozen=True)
@@ -32,9 +34,9 @@ METHODS: dict[str, MethodSpec] = {
                               "progressive distillation with guidance distillation: halve steps down to --steps"),
     "add": MethodSpec(AdversarialConfig, AdversarialDistillation,
                       "adversarial diffusion distillation (ADD/LADD): discriminator on frozen features + distillation"),
-    "dmd": MethodSpec(ScoreConfig, DistributionMatchingDistillation,
+    "dmd": MethodSpec(DMDConfig, DistributionMatchingDistillation,
                       "one-step student by distribution matching (DMD/DMD2): teacher score minus an online fake score"),
-    "sds": MethodSpec(ScoreConfig, ScoreDistillation,
+    "sds": MethodSpec(SDSConfig, ScoreDistillation,
                       "one-step student by plain score distillation sampling (the SDS baseline DMD improves on)"),
 }
 
@@ -43,3 +45,15 @@ def get_method(name: str) -> MethodSpec:
     """The registered method ``name`` (one-line UserError for unknown names)."""
     require(name in METHODS, f"unknown method {name!r}; available: {', '.join(METHODS)}")
     return METHODS[name]
+
+
+def build_method_config(name: str, values: dict, where: str):
+    """``--method name``'s config from ``values``; an option only other methods take is a one-line UserError
+    naming them (``--method sds --fake-updates 2``), never silently accepted."""
+    spec = get_method(name)
+    own = {f.name for f in dataclasses.fields(spec.config_cls)}
+    for key in sorted(set(values) - own):
+        owners = [m for m, s in METHODS.items() if key in {f.name for f in dataclasses.fields(s.config_cls)}]
+        require(not owners, f"--{key.replace('_', '-')} is an option of --method {', '.join(owners)}, "
+                            f"not of --method {name}")
+    return build_dataclass(spec.config_cls, values, where)

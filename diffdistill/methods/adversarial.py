@@ -20,6 +20,7 @@ pipeline runs one UNet pass per step.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -31,12 +32,15 @@ from ..features import FeatureHead, ImageFeatureNetwork, TeacherFeatureNetwork, 
 from ..solvers import lcm_grid, lcm_scheduler
 from ..students import student_from_teacher
 from .base import DistillMethod
-from .regression import RegressionOptions, RegressionPool, regression_loss
+from .guidance import TEACHER_GUIDANCE_RENAMED, teacher_guidance_option
+from .regression import RegressionOptions, RegressionPool, RegressionPoolState, regression_loss
 
 
 @dataclass
 class AdversarialConfig(RegressionOptions):
     """Options of adversarial diffusion distillation (``--method add``)."""
+
+    FORMER_OPTIONS: ClassVar[dict[str, str]] = TEACHER_GUIDANCE_RENAMED
 
     student_timesteps: int = opt(4, "number of student timesteps, evenly spaced: T/K*(k+1)-1 (4 -> 999, 749, 499, 249)")
     feature_network: str = opt("teacher", "'teacher' (LADD: the frozen teacher UNet's features on re-noised latents) "
@@ -45,7 +49,7 @@ class AdversarialConfig(RegressionOptions):
     distill_weight: float = opt(1.0, "weight of the score-distillation loss c(t) |x^ - teacher(x^_t)|^2")
     r1_weight: float = opt(1e-5, "weight of the R1 gradient penalty on real data")
     disc_learning_rate: float = opt(0.0, "discriminator learning rate (0: the student's)")
-    guidance_scale: float = opt(2.0, "teacher guidance scale in the distillation loss")
+    teacher_guidance_scale: float = teacher_guidance_option()
     disc_t_min: int = opt(0, "smallest timestep real/fake latents are re-noised to for the discriminator")
     disc_t_max: int = opt(750, "largest timestep real/fake latents are re-noised to for the discriminator")
     pure_noise_at_top: bool = opt(False, "feed the student pure noise at its top timestep T-1, as sampling does, "
@@ -56,7 +60,8 @@ class AdversarialConfig(RegressionOptions):
 
     def __post_init__(self):
         require(self.student_timesteps > 0, f"--student-timesteps must be > 0, got {self.student_timesteps}")
-        require_at_least(self, 0, "adv_weight", "distill_weight", "r1_weight", "disc_learning_rate", "guidance_scale")
+        require_at_least(self, 0, "adv_weight", "distill_weight", "r1_weight", "disc_learning_rate",
+                         "teacher_guidance_scale")
         require(self.adv_weight + self.distill_weight > 0, "--adv-weight and --distill-weight cannot both be 0")
         require(0 <= self.disc_t_min <= self.disc_t_max, f"need 0 <= --disc-t-min <= --disc-t-max, got "
                                                          f"{self.disc_t_min}, {self.disc_t_max}")
@@ -112,7 +117,7 @@ def distillation_loss(fake: torch.Tensor, teacher: Denoiser, batch: dict, cfg: A
     t = torch.randint(1, teacher.schedule.num_train_timesteps, (b,), device=fake.device)
     with torch.no_grad():
         x_t = teacher.schedule.add_noise(fake.detach(), torch.randn_like(fake), t)
-        target, _ = teacher.x0_eps(x_t, t, batch["cond"], batch["uncond"], guidance_scale=cfg.guidance_scale)
+        target, _ = teacher.x0_eps(x_t, t, batch["cond"], batch["uncond"], guidance_scale=cfg.teacher_guidance_scale)
     alpha, _ = teacher.schedule.alpha_sigma(t, like=fake)
     return (alpha**2 * (fake.float() - target.float()) ** 2).mean()
 
@@ -133,18 +138,18 @@ def generator_loss(student: Denoiser, teacher: Denoiser, features, disc, batch: 
         fake_t = teacher.schedule.add_noise(fake, torch.randn_like(fake), t)
         adv = -_disc_logits(features, disc, fake_t, t, batch["cond"]).mean()
         loss = loss + cfg.adv_weight * adv
-        logs["g_adv"] = adv.item()
+        logs["g_adv"] = adv.detach()
     if cfg.distill_weight > 0:
         dist = distillation_loss(fake, teacher, batch, cfg)
         loss = loss + cfg.distill_weight * dist
-        logs["g_distill"] = dist.item()
+        logs["g_distill"] = dist.detach()
     if cfg.regression_weight > 0 and "reg_noise" in batch:
         # The one-step path from pure noise (t = T - 1), pulled to the teacher's ODE sample of that noise.
         reg = regression_loss(one_step_sample(student, batch["reg_noise"], batch["reg_cond"]), batch["reg_target"],
                               per_element=True)
         loss = loss + cfg.regression_weight * reg
-        logs["g_regression"] = reg.item()
-    logs["loss"] = loss.item()
+        logs["g_regression"] = reg.detach()
+    logs["loss"] = loss.detach()
     return loss, logs
 
 
@@ -160,17 +165,17 @@ def discriminator_loss(student: Denoiser, teacher: Denoiser, features, disc, bat
     real_logits = _disc_logits(features, disc, real_t, t, batch["cond"])
     fake_logits = _disc_logits(features, disc, fake_t, t, batch["cond"])
     d_loss = hinge_d_loss(real_logits, fake_logits)
-    logs = {"d_hinge": d_loss.item(), "d_real": real_logits.mean().item(), "d_fake": fake_logits.mean().item()}
+    logs = {"d_hinge": d_loss.detach(), "d_real": real_logits.mean().detach(), "d_fake": fake_logits.mean().detach()}
     if cfg.r1_weight > 0:
         (grad,) = torch.autograd.grad(real_logits.sum(), real_t, create_graph=True)
         r1 = grad.pow(2).flatten(1).sum(1).mean()
         d_loss = d_loss + cfg.r1_weight * r1
-        logs["r1"] = r1.item()
-    logs["loss"] = d_loss.item()
+        logs["r1"] = r1.detach()
+    logs["loss"] = d_loss.detach()
     return d_loss, logs
 
 
-class AdversarialDistillation(DistillMethod):
+class AdversarialDistillation(RegressionPoolState, DistillMethod):
     """``--method add``: ADD / LADD with a generator and a discriminator phase through the shared trainer."""
 
     name = "add"
@@ -234,7 +239,7 @@ class AdversarialDistillation(DistillMethod):
         # LADD's synthetic data: the teacher's own guided samples stand in for real images.
         device = teacher.unet.device
         cond, uncond = teacher.encode_prompts(batch["prompt"], device), teacher.encode_prompts([""], device)
-        latents = teacher.sample(cond, uncond, self.cfg.guidance_scale, self.cfg.synthetic_steps)
+        latents = teacher.sample(cond, uncond, self.cfg.teacher_guidance_scale, self.cfg.synthetic_steps)
         return {"latents": latents, "cond": cond, "uncond": uncond}
 
     def loss(self, phase: str, batch: dict, step: int):
@@ -245,11 +250,11 @@ class AdversarialDistillation(DistillMethod):
             if self.cfg.regression_weight > 0:
                 c = self.cfg
                 pairs = self.pool.top_up_and_sample(self.teacher, prepared["cond"], prepared["uncond"],
-                                                    c.guidance_scale, c.regression_steps, c.regression_batch_size)
+                                                    c.teacher_guidance_scale, c.regression_steps, c.regression_batch_size)
                 prepared = {**prepared, **dict(zip(("reg_noise", "reg_cond", "reg_target"), pairs))}
             # The generator's loss must not put gradients on the heads: freeze them, and bypass the
-            # DDP wrapper (its reducer would wait for gradients that never come).
-            heads = getattr(self.disc, "module", self.disc)
+            # DDP/FSDP wrapper (its reducer would wait for gradients that never come).
+            heads = self.unwrap(self.disc)
             with frozen(heads):
                 return generator_loss(student, teacher, self.features, heads, prepared, self.grid, self.cfg)
         return discriminator_loss(student, teacher, self.features, self.disc, prepared, self.grid, self.cfg)
@@ -267,6 +272,6 @@ class AdversarialDistillation(DistillMethod):
                 + (f"; the top one drawn with extra probability {c.top_fraction}" if c.top_fraction else ""),
                 "feature network": "frozen teacher UNet (LADD)" if c.feature_network == "teacher" else c.feature_network,
                 "losses": f"{c.adv_weight} x hinge adversarial + {c.distill_weight} x distillation "
-                          f"(teacher guidance {c.guidance_scale}), R1 {c.r1_weight}"
+                          f"(teacher guidance {c.teacher_guidance_scale}), R1 {c.r1_weight}"
                           + (f" + {c.regression_weight} x regression onto {c.regression_pairs} teacher "
                              f"{c.regression_steps}-step DDIM samples" if c.regression_weight else "")}

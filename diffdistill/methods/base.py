@@ -15,7 +15,9 @@ Set-up (before the first file is written, then before training)
 * ``validate(teacher)``                       checks that need the loaded teacher; raise UserError
 * ``setup(teacher)``                          build the student and any extra networks from the teacher
 * ``trainable_modules()`` / ``set_trainable_modules(modules)``
-                                              phase -> module, handed to accelerate and given back wrapped
+                                              phase -> module, handed to accelerate and given back wrapped;
+                                              before that the trainer sets ``unwrap`` (accelerate's
+                                              ``unwrap_model``) for reading a wrapped module bare
 * ``parameters(phase)``, ``learning_rate(phase, default)``, ``lr_segments()``
                                               one optimiser and LR schedule per phase
 * ``total_steps()``                           the run's length when the method fixes it (progressive: the
@@ -28,6 +30,9 @@ The step
 
 State and export
 * ``state_modules()``                         every module a checkpoint holds
+* ``extra_state()`` / ``load_extra_state(tensors)``
+                                              this rank's state that is not a module (e.g. the regression
+                                              pool of teacher ODE pairs): name -> tensor, per rank
 * ``on_resume(step)``                         after a checkpoint of ``step`` was loaded
 * ``student``                                 the module the student EMA tracks
 * ``sampling_steps()``, ``max_sampling_steps()``, ``recommended_guidance_scale``
@@ -54,13 +59,14 @@ class DistillMethod:
         self.run = run
         self.teacher = None
         self.student = None
+        self.unwrap = lambda module: module  # the trainer binds accelerate's unwrap_model (DDP, FSDP)
 
     @property
     def recommended_guidance_scale(self) -> float:
-        """The guidance_scale written into the export's preset and card: --recommended-guidance-scale when
+        """The guidance_scale written into the export's preset and card: --export-guidance-scale when
         given (>= 0), else the method's ``default_guidance_scale()``."""
-        if self.run.recommended_guidance_scale >= 0:
-            return self.run.recommended_guidance_scale
+        if self.run.export_guidance_scale >= 0:
+            return self.run.export_guidance_scale
         return self.default_guidance_scale()
 
     def default_guidance_scale(self) -> float:
@@ -120,6 +126,13 @@ class DistillMethod:
     def on_resume(self, step: int) -> None:
         """Called after a checkpoint of step ``step`` was loaded."""
 
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        """This rank's training state that no module holds (saved per rank, so a resume is exact)."""
+        return {}
+
+    def load_extra_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore what ``extra_state`` returned (an empty dict when the checkpoint holds none)."""
+
     def max_sampling_steps(self) -> int:
         """The most steps the exported scheduler preset can take (the card benchmark stays within it)."""
         return 10**9
@@ -148,9 +161,3 @@ class DistillMethod:
     def card_details(self) -> dict:
         """Method-specific lines for the model card (name -> value)."""
         return {}
-
-
-def trained_guidance_scale(cfg) -> float:
-    """The guidance a student with an embedded guidance input was trained for: ``cfg.guidance_scale``, else the
-    middle of its training range [w_min, w_max] (LCM, progressive distillation)."""
-    return cfg.guidance_scale or 0.5 * (cfg.w_min + cfg.w_max)

@@ -28,26 +28,24 @@ from ..denoiser import TIMESTEP_SCALING, Denoiser, consistency_output
 from ..errors import require
 from ..solvers import SOLVERS, get_solver, lcm_grid, lcm_scheduler
 from ..students import GUIDANCE_EMBED_DIM, student_from_teacher
-from .base import DistillMethod, trained_guidance_scale
+from .base import DistillMethod
+from .guidance import GuidanceRangeOptions
 
 LOSS_TYPES = ("l2", "huber")
 
 
 @dataclass
-class ConsistencyConfig:
+class ConsistencyConfig(GuidanceRangeOptions):
     """Options of consistency distillation (``--method lcm``)."""
 
     num_ddim_timesteps: int = opt(50, "points N of the DDIM grid the student is trained on (skipping step T/N)")
     solver: str = opt("ddim", f"teacher ODE solver for the step t_(n+k) -> t_n: {', '.join(SOLVERS)}")
-    w_min: float = opt(3.0, "smallest teacher guidance scale sampled (diffusers convention, 1 = no guidance)")
-    w_max: float = opt(13.0, "largest teacher guidance scale sampled (= --w-min: one scale, baked into the student)")
     ema_decay: float = opt(0.95, "EMA decay of the target network (0: the student itself, stop-gradient)")
     loss_type: str = opt("huber", f"distance between online and target outputs: {', '.join(LOSS_TYPES)}")
     huber_c: float = opt(0.001, "c of the pseudo-Huber loss sqrt(d^2 + c^2) - c")
     lora_rank: int | None = opt(None, "train a LoRA of this rank on the frozen teacher instead of the full UNet")
     lora_alpha: float = opt(0.0, "LoRA alpha (0: equal to the rank)")
     timestep_scaling: float = opt(TIMESTEP_SCALING, "timestep scaling of the boundary scalings c_skip, c_out")
-    guidance_scale: float = opt(0.0, "guidance scale the export recommends (0: the middle of [w_min, w_max]; LoRA: 1)")
 
     @property
     def fixed_guidance(self) -> bool:
@@ -57,15 +55,13 @@ class ConsistencyConfig:
     def __post_init__(self):
         require(self.num_ddim_timesteps > 0, f"--num-ddim-timesteps must be > 0, got {self.num_ddim_timesteps}")
         require(self.solver in SOLVERS, f"--solver must be one of {', '.join(SOLVERS)}, got {self.solver!r}")
-        require(self.w_min >= 0, f"--w-min must be >= 0, got {self.w_min}")
-        require(self.w_min <= self.w_max, f"--w-min ({self.w_min}) must not exceed --w-max ({self.w_max})")
+        super().__post_init__()
         require(0 <= self.ema_decay < 1, f"--ema-decay must be in [0, 1), got {self.ema_decay}")
         require(self.loss_type in LOSS_TYPES, f"--loss-type must be one of {', '.join(LOSS_TYPES)}, got {self.loss_type!r}")
         require(self.huber_c > 0, f"--huber-c must be > 0, got {self.huber_c}")
         require(self.lora_rank is None or self.lora_rank > 0, f"--lora-rank must be > 0, got {self.lora_rank}")
         require(self.lora_alpha >= 0, f"--lora-alpha must be >= 0, got {self.lora_alpha}")
         require(self.timestep_scaling > 0, f"--timestep-scaling must be > 0, got {self.timestep_scaling}")
-        require(self.guidance_scale >= 0, f"--guidance-scale must be >= 0, got {self.guidance_scale}")
         require(self.lora_rank is None or self.ema_decay == 0,
                 "--ema-decay must be 0 with --lora-rank (LCM-LoRA's target is the student itself)")
 
@@ -116,7 +112,7 @@ def consistency_loss(student: Denoiser, teacher: Denoiser, batch: dict, cfg: Con
         f_target = consistency_output(x_s, x0_target, s, cfg.timestep_scaling)
 
     loss = consistency_distance(f_online, f_target, cfg.loss_type, cfg.huber_c)
-    logs = {"loss": loss.item(), "t_mean": t.float().mean().item(), "w_mean": w.float().mean().item()}
+    logs = {"loss": loss.detach(), "t_mean": t.float().mean().detach(), "w_mean": w.float().mean().detach()}
     return loss, logs
 
 
@@ -151,7 +147,7 @@ class ConsistencyDistillation(DistillMethod):
     def default_guidance_scale(self) -> float:
         if self.lora:
             return 1.0  # guidance is baked into a LoRA student; scale 1 also skips the CFG pass
-        return trained_guidance_scale(self.cfg)
+        return self.cfg.middle_guidance_scale()
 
     def validate(self, teacher) -> None:
         t_train = teacher.schedule.num_train_timesteps
@@ -190,7 +186,7 @@ class ConsistencyDistillation(DistillMethod):
 
     def after_step(self, step: int) -> None:
         if self.target is not None:
-            ema_update(self.target, getattr(self.student, "module", self.student), self.cfg.ema_decay)
+            ema_update(self.target, self.unwrap(self.student), self.cfg.ema_decay)
 
     def state_modules(self) -> dict[str, torch.nn.Module]:
         mods = {"student": self.student}

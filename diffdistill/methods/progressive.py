@@ -31,29 +31,25 @@ from ..denoiser import Denoiser, NoiseSchedule
 from ..errors import UserError, require
 from ..solvers import ddim_step, trailing_grid
 from ..students import GUIDANCE_EMBED_DIM, student_from_teacher
-from .base import DistillMethod, trained_guidance_scale
+from .base import DistillMethod
+from .guidance import GuidanceRangeOptions
 
 
 @dataclass
-class ProgressiveConfig:
+class ProgressiveConfig(GuidanceRangeOptions):
     """Options of progressive distillation (``--method progressive``)."""
 
     start_steps: int = opt(64, "sampling steps of the teacher grid the first halving stage starts from")
     iters_per_stage: int = opt(300, "optimiser steps of each halving stage")
     guidance_iters: int = opt(300, "optimiser steps of stage 0, guidance distillation (0: skip it)")
-    w_min: float = opt(1.0, "smallest guidance scale sampled (diffusers convention, 1 = no guidance)")
-    w_max: float = opt(3.0, "largest guidance scale sampled")
-    guidance_scale: float = opt(0.0, "guidance scale the export recommends (0: the middle of [w_min, w_max])")
     min_weight: float = opt(1.0, "truncated-SNR weighting: weight max(SNR, min_weight) of the x0 loss")
 
     def __post_init__(self):
         require(self.start_steps >= 2, f"--start-steps must be >= 2, got {self.start_steps}")
         require(self.iters_per_stage > 0, f"--iters-per-stage must be > 0, got {self.iters_per_stage}")
         require(self.guidance_iters >= 0, f"--guidance-iters must be >= 0, got {self.guidance_iters}")
-        require(self.w_min >= 0, f"--w-min must be >= 0, got {self.w_min}")
-        require(self.w_min <= self.w_max, f"--w-min ({self.w_min}) must not exceed --w-max ({self.w_max})")
+        super().__post_init__()
         require(self.min_weight > 0, f"--min-weight must be > 0, got {self.min_weight}")
-        require(self.guidance_scale >= 0, f"--guidance-scale must be >= 0, got {self.guidance_scale}")
 
 
 @dataclass
@@ -130,7 +126,7 @@ def guidance_distillation_loss(student: Denoiser, teacher: Denoiser, batch: dict
     pred, _ = student.x0_eps(z_t, t, cond, guidance_scale=w)
     weight = x0_weight(sched, t, pred, cfg.min_weight)
     loss = (weight * (pred.float() - target.float()) ** 2).mean()
-    return loss, {"loss": loss.item()}
+    return loss, {"loss": loss.detach()}
 
 
 def progressive_loss(student: Denoiser, teacher: Denoiser, batch: dict, cfg: ProgressiveConfig):
@@ -158,7 +154,7 @@ def progressive_loss(student: Denoiser, teacher: Denoiser, batch: dict, cfg: Pro
     pred, _ = student.x0_eps(z_t, t, cond, guidance_scale=w)
     weight = x0_weight(sched, t, pred, cfg.min_weight)
     loss = (weight * (pred.float() - target.float()) ** 2).mean()
-    return loss, {"loss": loss.item()}
+    return loss, {"loss": loss.detach()}
 
 
 class ProgressiveDistillation(DistillMethod):
@@ -182,7 +178,7 @@ class ProgressiveDistillation(DistillMethod):
         self.stage_teacher = None
 
     def default_guidance_scale(self) -> float:
-        return trained_guidance_scale(self.cfg)
+        return self.cfg.middle_guidance_scale()
 
     def total_steps(self) -> int:
         """The guidance stage plus every halving stage: the run's length, whatever --max-train-steps says."""

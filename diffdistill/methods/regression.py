@@ -35,7 +35,8 @@ class RegressionPool:
 
     The pairs are computed once, ``fill`` per generator step from the prompts of the first training
     batches until ``size`` are held, then reused: the teacher's multi-step sampling is paid once per pair,
-    not once per step. The pool lives in memory (text embeddings included); a resumed run fills it anew.
+    not once per step. The pool (text embeddings included) is part of every checkpoint (``state_dict``), so
+    a resumed run regresses onto the same pairs as an uninterrupted one.
     """
 
     def __init__(self, size: int, fill: int):
@@ -69,9 +70,32 @@ class RegressionPool:
             self.add(noise, cond[:k], target)
         return self.sample(n)
 
+    def state_dict(self, prefix: str = "regression_pool.") -> dict[str, torch.Tensor]:
+        """The pairs held so far (empty before the first fill)."""
+        if self.noise is None:
+            return {}
+        return {prefix + k: v for k, v in zip(("noise", "cond", "target"), (self.noise, self.cond, self.target))}
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], device, prefix: str = "regression_pool.") -> None:
+        """Restore the pairs of ``state_dict`` (none: the pool starts empty, as at step 0)."""
+        if prefix + "noise" not in tensors:
+            self.noise = self.cond = self.target = None
+            return
+        self.noise, self.cond, self.target = (tensors[prefix + k].to(device) for k in ("noise", "cond", "target"))
+
     def sample(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         idx = torch.randint(0, len(self), (n,), device=self.noise.device)
         return self.noise[idx], self.cond[idx], self.target[idx]
+
+
+class RegressionPoolState:
+    """Mixin for a method holding a ``RegressionPool`` as ``self.pool``: the pool is its checkpointed extra state."""
+
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        return self.pool.state_dict()
+
+    def load_extra_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.pool.load_state_dict(tensors, self.teacher.unet.device)
 
 
 def regression_loss(x: torch.Tensor, target: torch.Tensor, per_element: bool = False) -> torch.Tensor:

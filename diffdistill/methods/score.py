@@ -15,6 +15,7 @@ own optimiser phase of the shared trainer (DMD2 updates it more often than the g
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +27,8 @@ from ..features import FeatureHead, FeatureTaps, frozen, unet_stage_modules
 from ..solvers import lcm_scheduler
 from ..students import student_from_teacher
 from .base import DistillMethod
-from .regression import RegressionOptions, RegressionPool, regression_loss
+from .guidance import TEACHER_GUIDANCE_RENAMED, teacher_guidance_option
+from .regression import RegressionOptions, RegressionPool, RegressionPoolState, regression_loss
 
 WEIGHTINGS = ("uniform", "sigma2", "dreamfusion")
 
@@ -94,33 +96,53 @@ def sds_gradient(x: torch.Tensor, teacher: Denoiser, cond, uncond, guidance_scal
 
 @dataclass
 class ScoreConfig(RegressionOptions):
-    """Options of score distillation (``--method sds`` and ``--method dmd``)."""
+    """Options both one-step score methods take (``--method dmd``: ``DMDConfig``, ``--method sds``: ``SDSConfig``)."""
 
-    guidance_scale: float = opt(2.0, "teacher classifier-free guidance in the real score (diffusers convention)")
+    FORMER_OPTIONS: ClassVar[dict[str, str]] = TEACHER_GUIDANCE_RENAMED
+
+    teacher_guidance_scale: float = teacher_guidance_option()
     t_min: int = opt(20, "smallest timestep sampled for the score")
     t_max: int = opt(980, "largest timestep sampled for the score")
     t_max_end: int = opt(-1, "anneal t_max linearly to this value over the run (-1: no annealing)")
-    weighting: str = opt("dreamfusion", f"SDS weighting w(t): {', '.join(WEIGHTINGS)}")
-    fake_learning_rate: float = opt(0.0, "DMD: learning rate of the fake score network (0: the generator's)")
-    fake_updates: int = opt(1, "DMD: fake-score updates per generator update (DMD2 uses 5)")
+
+    def __post_init__(self):
+        require_at_least(self, 0, "teacher_guidance_scale")
+        check_timestep_range(self.t_min, self.t_max, self.t_max_end)
+        super().__post_init__()
+
+
+@dataclass
+class DMDConfig(ScoreConfig):
+    """Options of distribution matching (``--method dmd``): the fake score network and DMD2's GAN head."""
+
+    fake_learning_rate: float = opt(0.0, "learning rate of the fake score network (0: the generator's)")
+    fake_updates: int = opt(1, "fake-score updates per generator update (DMD2 uses 5)")
     gan_weight: float = opt(0.0, "DMD2: weight of the generator's GAN loss, from a classifier head on the fake score "
                                  "network's mid-block features (0: off; needs images in the data)")
     gan_disc_weight: float = opt(0.01, "DMD2: weight of the head's real/fake classification loss in the fake score "
                                        "network's update")
 
     def __post_init__(self):
-        require(self.guidance_scale >= 0, f"--guidance-scale must be >= 0, got {self.guidance_scale}")
-        check_timestep_range(self.t_min, self.t_max, self.t_max_end)
-        require(self.weighting in WEIGHTINGS, f"--weighting must be one of {', '.join(WEIGHTINGS)}, got {self.weighting!r}")
         require_at_least(self, 0, "fake_learning_rate", "gan_weight", "gan_disc_weight")
         require_at_least(self, 1, "fake_updates")
+        super().__post_init__()
+
+
+@dataclass
+class SDSConfig(ScoreConfig):
+    """Options of plain score distillation sampling (``--method sds``)."""
+
+    weighting: str = opt("dreamfusion", f"SDS weighting w(t): {', '.join(WEIGHTINGS)}")
+
+    def __post_init__(self):
+        require(self.weighting in WEIGHTINGS, f"--weighting must be one of {', '.join(WEIGHTINGS)}, got {self.weighting!r}")
         super().__post_init__()
 
 
 def sample_timesteps(cfg, b: int, progress: float, device, generator: torch.Generator | None = None) -> torch.Tensor:
     """Uniform timesteps in [t_min, t_max(progress)], t_max annealed linearly toward t_max_end (-1: fixed).
 
-    ``cfg`` is any config with ``t_min``, ``t_max``, ``t_max_end`` (ScoreConfig, SDSConfig)."""
+    ``cfg`` is any config with ``t_min``, ``t_max``, ``t_max_end`` (ScoreConfig's, SDSOptimizeConfig)."""
     t_max = cfg.t_max if cfg.t_max_end < 0 else round(cfg.t_max + (cfg.t_max_end - cfg.t_max) * progress)
     return torch.randint(cfg.t_min, t_max + 1, (b,), generator=generator).to(device)
 
@@ -140,7 +162,7 @@ def dmd_gradient(x: torch.Tensor, teacher: Denoiser, fake: Denoiser, cond, uncon
     already ran the fake network on them (the GAN term does); they are used detached."""
     with torch.no_grad():
         x_t = teacher.schedule.add_noise(x.detach(), torch.randn_like(x), t) if x_t is None else x_t.detach()
-        real, _ = teacher.x0_eps(x_t, t, cond, uncond, guidance_scale=cfg.guidance_scale)
+        real, _ = teacher.x0_eps(x_t, t, cond, uncond, guidance_scale=cfg.teacher_guidance_scale)
         fake_x0 = fake.x0_eps(x_t, t, cond)[0] if fake_x0 is None else fake_x0.detach()
         norm = (x.detach() - real).abs().flatten(1).mean(1).clamp(min=1e-5)[:, None, None, None]
         return (fake_x0 - real) / norm
@@ -164,13 +186,13 @@ def gan_generator_loss(fake_logits: torch.Tensor) -> torch.Tensor:
     return F.softplus(-fake_logits).mean()
 
 
-class ScoreDistillation(DistillMethod):
+class ScoreDistillation(RegressionPoolState, DistillMethod):
     """``--method sds`` / ``--method dmd``: a one-step UNet student trained by SDS or distribution matching."""
 
     name = "sds"
     use_fake_score = False
 
-    def __init__(self, cfg: ScoreConfig, run: RunConfig):
+    def __init__(self, cfg: SDSConfig | DMDConfig, run: RunConfig):
         super().__init__(cfg, run)
         require(run.steps == 1, f"--method {self.name} trains a one-step generator: --steps must be 1, got {run.steps}")
         self.phases = ("fake_score",) * cfg.fake_updates + ("generator",) if self.use_fake_score else ("generator",)
@@ -242,12 +264,12 @@ class ScoreDistillation(DistillMethod):
             fake = Denoiser(self.fake, self.teacher.schedule, self.teacher.prediction_type)
             if self.head is None:
                 loss = fake_score_loss(fake, samples, cond, t)
-                return loss, {"loss": loss.item()}
+                return loss, {"loss": loss.detach()}
             return self._fake_score_and_head_loss(fake, samples, batch, cond, t)
         # Generator phase; the fake network is read without gradients and bypassing its DDP wrapper.
         reg = None
         if self.cfg.regression_weight > 0:
-            reg = self.pool.top_up_and_sample(self.teacher, cond, uncond, self.cfg.guidance_scale,
+            reg = self.pool.top_up_and_sample(self.teacher, cond, uncond, self.cfg.teacher_guidance_scale,
                                               self.cfg.regression_steps, self.cfg.regression_batch_size)
             x_all = self._generator()(torch.cat([noise, reg[0]]), torch.cat([cond, reg[1]]))
             x, x_reg = x_all[:b], x_all[b:]
@@ -255,7 +277,7 @@ class ScoreDistillation(DistillMethod):
             x = self._generator()(noise, cond)
         gan = None
         if self.use_fake_score:
-            fake_net = getattr(self.fake, "module", self.fake)
+            fake_net = self.unwrap(self.fake)
             fake = Denoiser(fake_net, self.teacher.schedule, self.teacher.prediction_type)
             x_t = fake_x0 = None
             if self.head is not None:
@@ -263,19 +285,19 @@ class ScoreDistillation(DistillMethod):
                 fake_x0, gan = self._generator_gan_loss(fake, x_t, t, cond)
             grad = dmd_gradient(x, teacher, fake, cond, uncond, self.cfg, t, x_t=x_t, fake_x0=fake_x0)
         else:
-            grad = sds_gradient(x, teacher, cond, uncond, self.cfg.guidance_scale, t, torch.randn_like(x),
+            grad = sds_gradient(x, teacher, cond, uncond, self.cfg.teacher_guidance_scale, t, torch.randn_like(x),
                                 self.cfg.weighting)
         loss = inject_gradient(x, grad) / b
-        logs = {"grad_norm": grad.flatten(1).norm(dim=1).mean().item()}
+        logs = {"grad_norm": grad.flatten(1).norm(dim=1).mean().detach()}
         if gan is not None:
             loss = loss + self.cfg.gan_weight * gan
-            logs["gan"] = gan.item()
+            logs["gan"] = gan.detach()
         if reg is not None:
             r = regression_loss(x_reg, reg[2])
             loss = loss + self.cfg.regression_weight * r
-            logs["regression"] = r.item()
+            logs["regression"] = r.detach()
             logs["regression_pairs"] = float(len(self.pool))
-        logs["loss"] = loss.item()
+        logs["loss"] = loss.detach()
         return loss, logs
 
     def _fake_score_and_head_loss(self, fake: Denoiser, samples: torch.Tensor, batch: dict, cond, t):
@@ -291,8 +313,8 @@ class ScoreDistillation(DistillMethod):
         logits = self.head(self.tap.features["mid"], torch.cat([cond, cond]).mean(1))
         head = gan_head_loss(logits[b:], logits[:b])
         loss = denoise + self.cfg.gan_disc_weight * head
-        return loss, {"loss": loss.item(), "denoise": denoise.item(), "gan_head": head.item(),
-                      "d_real": logits[b:].mean().item(), "d_fake": logits[:b].mean().item()}
+        return loss, {"loss": loss.detach(), "denoise": denoise.detach(), "gan_head": head.detach(),
+                      "d_real": logits[b:].mean().detach(), "d_fake": logits[:b].mean().detach()}
 
     def _generator_gan_loss(self, fake: Denoiser, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor):
         """(fake network's x0 at x_t, generator GAN loss): the graph runs through the frozen critic to x_t.
@@ -315,17 +337,17 @@ class ScoreDistillation(DistillMethod):
     def card_details(self) -> dict:
         c = self.cfg
         d = {"generator": "one-step UNet student (t = T-1 -> x0), LCMScheduler preset with 1 step",
-             "teacher guidance": c.guidance_scale, "timesteps": f"[{c.t_min}, {c.t_max}]"}
+             "teacher guidance": c.teacher_guidance_scale, "timesteps": f"[{c.t_min}, {c.t_max}]"}
         if self.use_fake_score:
             d["update"] = f"distribution matching, fake score updated {c.fake_updates}x per generator step"
             if c.gan_weight:
                 d["gan"] = (f"generator weight {c.gan_weight}, classifier head on the fake score network's mid-block "
                             f"features (weight {c.gan_disc_weight} in its update)")
-            if c.regression_weight:
-                d["regression"] = (f"weight {c.regression_weight}, {c.regression_pairs} pairs of noise and the "
-                                   f"teacher's {c.regression_steps}-step DDIM sample")
         else:
             d["update"] = f"SDS, weighting {c.weighting}"
+        if c.regression_weight:  # both methods train it (ScoreConfig)
+            d["regression"] = (f"weight {c.regression_weight}, {c.regression_pairs} pairs of noise and the "
+                               f"teacher's {c.regression_steps}-step DDIM sample")
         return d
 
 
