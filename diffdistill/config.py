@@ -61,7 +61,8 @@ class TrainConfig:
     adam_beta2: float = opt(0.999, "AdamW beta2")
     adam_epsilon: float = opt(1e-8, "AdamW epsilon")
     weight_decay: float = opt(0.0, "AdamW weight decay")
-    gradient_accumulation_steps: int = opt(1, "micro-batches accumulated per optimiser step")
+    gradient_accumulation_steps: int = opt(1, "micro-batches accumulated per optimiser step (every phase accumulates "
+                                              "all of them, then steps once: the update of one K-times larger batch)")
     max_grad_norm: float = opt(1.0, "gradient clipping norm (0 disables clipping)")
     mixed_precision: str = opt("no", "mixed precision through accelerate: no, fp16 or bf16")
     gradient_checkpointing: bool = opt(False, "trade compute for memory in the student UNet")
