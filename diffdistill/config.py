@@ -110,6 +110,8 @@ class DataConfig:
     resolution: int = opt(0, "training image size in pixels (0: the teacher's native size)")
     max_samples: int = opt(0, "use at most this many examples (0: all)")
     dataloader_num_workers: int = opt(0, "DataLoader worker processes")
+    max_bad_image_fraction: float = opt(0.01, "images that cannot be decoded are skipped and named on stderr; the "
+                                              "run fails (one line) only if more than this fraction of them is bad")
 
     FORMER_OPTIONS: ClassVar[dict[str, str]] = {
         "uncond_prob": "was removed: no method trains a network that is ever queried without its prompt (the "
@@ -120,6 +122,8 @@ class DataConfig:
         require(self.resolution >= 0, f"--resolution must be >= 0, got {self.resolution}")
         require(self.max_samples >= 0, f"--max-samples must be >= 0, got {self.max_samples}")
         require(self.dataloader_num_workers >= 0, f"--dataloader-num-workers must be >= 0, got {self.dataloader_num_workers}")
+        require(0 <= self.max_bad_image_fraction <= 1,
+                f"--max-bad-image-fraction must be in [0, 1], got {self.max_bad_image_fraction}")
 
 
 @dataclass

@@ -140,7 +140,8 @@ def _train_and_export(run: RunConfig, method, teacher, dataset, out: Path, resol
                      "train_minutes": round(result.minutes, 2),
                      "peak_memory_mb": round(result.peak_memory_mb, 1), "memory_kind": result.memory_kind,
                      "last_logs": result.last_logs, "num_processes": accelerator.num_processes,
-                     "rank_weight_sha256": result.rank_checksums}
+                     "rank_weight_sha256": result.rank_checksums,
+                     "skipped_images": {"count": len(result.skipped_images), "files": result.skipped_images}}
     if accelerator.is_main_process:
         summary.update(export_run(run, method, teacher, trainer, out, result.stopped_by))
         summary["total_minutes"] = round((time.time() - t0) / 60, 2)

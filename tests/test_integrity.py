@@ -289,7 +289,7 @@ def _broken_inside(png: bytes) -> bytes:
     return png[: i + 4] + bad + struct.pack(">I", zlib.crc32(b"IDAT" + bad)) + png[i + 8 + n:]
 
 
-def test_an_image_that_breaks_mid_run_fails_with_one_line_and_the_run_resumes(tiny_sd, tmp_path):
+def test_an_image_that_breaks_mid_run_fails_with_one_line_and_the_run_resumes(tiny_sd, tmp_path, capsys):
     data = tmp_path / "data"
     data.mkdir()
     for i in range(4):
@@ -299,16 +299,42 @@ def test_an_image_that_breaks_mid_run_fails_with_one_line_and_the_run_resumes(ti
     (data / "2.png").write_bytes(_broken_inside(_png((120, 0, 0))))
     out = tmp_path / "run"
     out.mkdir()
-    tr = _trainer(tiny_sd, out, dataset=str(data), checkpointing_steps=1)
+    tr = _trainer(tiny_sd, out, dataset=str(data), checkpointing_steps=1)  # 1 of 4 bad: more than 0.01
     with pytest.raises(RunFailed) as e:
         tr.fit()
     msg = str(e.value)
-    assert "\n" not in msg and str(data / "2.png") in msg and "cannot read image" in msg
+    assert "\n" not in msg and str(data / "2.png") in msg and "1 of 4 images" in msg
+    assert "--max-bad-image-fraction 0.01" in msg
+    assert "warning" not in capsys.readouterr().err  # the error line alone
     (data / "2.png").write_bytes(_png((120, 0, 0)))  # the user repairs the file ...
     again = _trainer(tiny_sd, out, run_id=tr.run_id, dataset=str(data), checkpointing_steps=1,
                      resume_from_checkpoint="latest")
     again.fit()  # ... and resumes
     assert again.step == 4
+
+
+def test_a_few_undecodable_images_are_skipped_and_resume_stays_exact(tiny_sd, tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(4):
+        (data / f"{i}.png").write_bytes(_png((60 * i, 0, 0)))
+    (data / "2.png").write_bytes(_broken_inside(_png((120, 0, 0))))
+    (data / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f"{i}.png", "text": f"img {i}"}) + "\n"
+                                                 for i in range(4)))
+    kw = {"dataset": str(data), "max_bad_image_fraction": 0.5, "checkpointing_steps": 2}
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    whole = _trainer(tiny_sd, tmp_path / "a", **kw)
+    whole.fit()
+    assert capsys.readouterr().err.count(f"warning: skipping undecodable image {data / '2.png'}") == 1
+    assert whole.skipped_images and str(data / "2.png") in whole.skipped_images[0]
+    part = _trainer(tiny_sd, tmp_path / "b", **{**kw, "max_train_steps": 2})
+    part.fit()
+    resumed = _trainer(tiny_sd, tmp_path / "b", run_id=part.run_id, **kw, resume_from_checkpoint="latest")
+    resumed.fit()
+    for name, module in whole.method.state_modules().items():
+        other = resumed.method.state_modules()[name]
+        assert all(torch.equal(p, q) for p, q in zip(module.state_dict().values(), other.state_dict().values()))
 
 
 def test_logs_after_a_resume_hold_each_step_once(tiny_sd, tmp_path):
