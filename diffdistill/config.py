@@ -103,7 +103,8 @@ class TrainConfig:
 class DataConfig:
     """Where training images, captions or prompts come from (see diffdistill.data)."""
 
-    dataset: str = opt("digits", "'digits' (built in), an image folder with metadata.jsonl, a HF dataset name or "
+    dataset: str = opt("digits", "'digits' (built in), an image folder with metadata.jsonl or metadata.csv (or a "
+                                 "train/ folder with one), a HF dataset name or "
                                  "path, webdataset shards (*.tar, brace patterns allowed), or a prompts .txt file")
     image_column: str = opt("image", "image column of a HF dataset / imagefolder")
     caption_column: str = opt("text", "caption column of a HF dataset / imagefolder")

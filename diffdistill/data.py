@@ -3,7 +3,8 @@
 
 Sources, chosen from ``DataConfig.dataset``:
   * ``digits``: the built-in scikit-learn handwritten digits with captions ``a handwritten digit K``;
-  * a folder with ``metadata.jsonl`` (HF ``imagefolder`` layout: ``{"file_name": ..., "text": ...}`` per line);
+  * a folder with ``metadata.jsonl`` or ``metadata.csv`` (HF ``imagefolder`` layout: ``file_name`` + a caption
+    column, ``text`` by default), in the folder or in its ``train/`` split folder;
   * webdataset shards: ``*.tar`` files (brace patterns like ``data-{000..009}.tar`` allowed) holding
     ``KEY.jpg|png|webp`` + ``KEY.txt`` pairs, read with the standard library;
   * a ``.txt`` file: one prompt per line, no images;
@@ -12,6 +13,7 @@ Sources, chosen from ``DataConfig.dataset``:
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import re
@@ -122,20 +124,52 @@ def require_few_bad(bad: int, total: int, max_fraction: float, where: str, examp
                     f"--max-bad-image-fraction {max_fraction:g}); e.g. {examples[0] if examples else '?'}")
 
 
-class ImageFolderDataset(DecodedImages):
-    """An image folder with ``metadata.jsonl`` (the HF imagefolder layout)."""
+METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 
-    def __init__(self, root: Path, caption_column: str, resolution: int, max_bad_fraction: float = 0.01):
-        meta = root / "metadata.jsonl"
-        require(meta.is_file(), f"image folder {root} has no metadata.jsonl")
-        items = []
-        for n, line in enumerate(meta.read_text().splitlines(), start=1):
-            if not line.strip():
-                continue
+
+def find_metadata(root: Path) -> Path:
+    """The metadata file of an HF imagefolder: ``metadata.jsonl`` or ``metadata.csv`` in ``root``, or in its ``train/``
+    split folder (the split diffdistill trains on)."""
+    for folder in (root, root / "train"):
+        found = [folder / name for name in METADATA_FILES if (folder / name).is_file()]
+        require(len(found) < 2, f"image folder {folder} has both metadata.jsonl and metadata.csv; keep one")
+        if found:
+            return found[0]
+    raise UserError(f"image folder {root} has no metadata.jsonl or metadata.csv (nor a train/ folder with one)")
+
+
+def metadata_rows(meta: Path) -> list[tuple[int, dict]]:
+    """(line number, row) of a ``metadata.jsonl`` (one JSON object a line) or ``metadata.csv`` (a header line)."""
+    if meta.suffix == ".csv":
+        with meta.open(newline="") as f:
+            reader = csv.DictReader(f)
             try:
-                row = json.loads(line)
+                return [(reader.line_num, row) for row in reader]
+            except csv.Error as e:
+                raise UserError(f"{meta}:{reader.line_num} is not valid CSV ({e})") from None
+    rows = []
+    for n, line in enumerate(meta.read_text().splitlines(), start=1):
+        if line.strip():
+            try:
+                rows.append((n, json.loads(line)))
             except json.JSONDecodeError:
                 raise UserError(f"{meta}:{n} is not valid JSON") from None
+    return rows
+
+
+class ImageFolderDataset(DecodedImages):
+    """An HF imagefolder: images with ``metadata.jsonl`` or ``metadata.csv`` (``file_name`` + a caption column),
+    in the folder itself or in its ``train/`` split folder."""
+
+    def __init__(self, root: Path, caption_column: str, resolution: int, max_bad_fraction: float = 0.01):
+        meta = find_metadata(root)
+        root = meta.parent  # file names are relative to the metadata file
+        rows = metadata_rows(meta)
+        if rows and isinstance(rows[0][1], dict) and caption_column not in rows[0][1]:
+            raise UserError(f"{meta} has no caption column '{caption_column}'; its columns: "
+                            f"{', '.join(map(str, rows[0][1]))}; choose one with --caption-column")
+        items = []
+        for n, row in rows:
             require(isinstance(row, dict) and "file_name" in row and caption_column in row,
                     f"{meta}:{n} needs 'file_name' and '{caption_column}' keys")
             name, caption = row["file_name"], row[caption_column]

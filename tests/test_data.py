@@ -142,3 +142,28 @@ def test_unreadable_images_in_webdataset_shards_are_dropped(tmp_path, capsys):
     ds = build_dataset(DataConfig(dataset=str(tmp_path / "d.tar"), max_bad_image_fraction=0.5), 8)
     assert [ds[i]["prompt"] for i in range(len(ds))] == ["a", "c"]
     assert f"{tmp_path / 'd.tar'}:b" in capsys.readouterr().err
+
+
+def test_hf_imagefolder_layouts_train_split_and_metadata_csv(tmp_path):
+    train = tmp_path / "train"
+    (train / "sub").mkdir(parents=True)
+    for name in ("a.png", "sub/b.png"):
+        (train / name).write_bytes(_png((255, 0, 0)))
+    (train / "metadata.csv").write_text('file_name,caption\na.png,"a red, square thing"\nsub/b.png,b\n')
+    ds = build_dataset(DataConfig(dataset=str(tmp_path), caption_column="caption"), 8)
+    assert [ds[i]["prompt"] for i in range(len(ds))] == ["a red, square thing", "b"]
+    (train / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "caption": "x"}) + "\n")
+    with pytest.raises(UserError, match=r"has both metadata\.jsonl and metadata\.csv; keep one"):
+        build_dataset(DataConfig(dataset=str(tmp_path), caption_column="caption"), 8)
+
+
+@pytest.mark.parametrize("meta", ["metadata.csv", "metadata.jsonl"])
+def test_a_missing_caption_column_names_the_columns_and_the_flag(tmp_path, meta):
+    (tmp_path / "a.png").write_bytes(_png((255, 0, 0)))
+    rows = [{"file_name": "a.png", "caption": "x", "id": 1}]
+    (tmp_path / meta).write_text("file_name,caption,id\na.png,x,1\n" if meta.endswith("csv")
+                                 else "".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(UserError) as e:
+        build_dataset(DataConfig(dataset=str(tmp_path)), 8)
+    assert str(e.value) == (f"{tmp_path / meta} has no caption column 'text'; its columns: file_name, caption, id; "
+                            "choose one with --caption-column")
