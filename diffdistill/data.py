@@ -335,6 +335,16 @@ def validation_prompts(cfg: DataConfig, dataset: Dataset) -> list[str]:
     return prompts
 
 
+def require_images(has_images: bool, what: str) -> None:
+    """UserError unless the data holds images (``what`` names the part of the run that learns from them)."""
+    require(has_images, f"{what} needs images: --dataset must hold images, not only prompts")
+
+
+def holds_images(dataset: Dataset) -> bool:
+    """Whether the dataset's items carry ``pixel_values`` (every source but a prompts file)."""
+    return not isinstance(getattr(dataset, "dataset", dataset), PromptDataset)
+
+
 def bad_image_files(dataset: Dataset) -> list[str]:
     """The images a dataset dropped when it was built because they do not open (``name (reason)``)."""
     return list(getattr(getattr(dataset, "dataset", dataset), "bad_files", []))
