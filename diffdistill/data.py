@@ -271,8 +271,9 @@ class PromptDataset(Dataset):
         return {"prompt": self.prompts[i]}
 
 
-class HFDataset(Dataset):
-    """A HF ``datasets`` dataset (by name or local path), train split."""
+class HFDataset(DecodedImages):
+    """A HF ``datasets`` dataset (by name or local path), train split; rows are named ``NAME[i]`` (images decode
+    when read, so one that fails is replaced as in ``DecodedImages``; none is screened up front)."""
 
     def __init__(self, name: str, image_column: str, caption_column: str, resolution: int):
         try:
@@ -286,14 +287,12 @@ class HFDataset(Dataset):
             raise UserError(f"cannot load dataset {name!r}: {str(e).splitlines()[0]}") from None
         for col in (image_column, caption_column):
             require(col in ds.column_names, f"dataset {name!r} has no column {col!r}; columns: {ds.column_names}")
-        self.ds, self.image_column, self.caption_column, self.resolution = ds, image_column, caption_column, resolution
+        self.ds, self.image_column, self.resolution, self.bad_files = ds, image_column, resolution, []
+        self.captions = [str(c) for c in ds[caption_column]]
+        self.names = [f"{name}[{i}]" for i in range(len(ds))]
 
-    def __len__(self) -> int:
-        return len(self.ds)
-
-    def __getitem__(self, i: int) -> dict:
-        row = self.ds[i]
-        return {"pixel_values": _to_tensor(row[self.image_column], self.resolution), "prompt": str(row[self.caption_column])}
+    def _open(self, i: int):
+        return self.ds[i][self.image_column]
 
 
 def build_dataset(cfg: DataConfig, resolution: int) -> Dataset:

@@ -167,3 +167,32 @@ def test_a_missing_caption_column_names_the_columns_and_the_flag(tmp_path, meta)
         build_dataset(DataConfig(dataset=str(tmp_path)), 8)
     assert str(e.value) == (f"{tmp_path / meta} has no caption column 'text'; its columns: file_name, caption, id; "
                             "choose one with --caption-column")
+
+
+class _FakeHFDataset:
+    """A stand-in for a ``datasets.Dataset`` whose row 1 holds an image that fails to decode when read."""
+
+    column_names = ["image", "text"]
+
+    def __len__(self):
+        return 3
+
+    def __getitem__(self, key):
+        if key == "text":
+            return ["zero", "one", "two"]
+        if key == 1:
+            raise OSError("image file is truncated")
+        return {"image": Image.open(io.BytesIO(_png((key * 100, 0, 0)))), "text": ["zero", "one", "two"][key]}
+
+
+def test_hf_dataset_rows_that_fail_to_decode_are_replaced_and_named(monkeypatch):
+    import sys
+    import types
+
+    fake = types.ModuleType("datasets")
+    fake.load_dataset = lambda name, split: _FakeHFDataset()
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    ds = build_dataset(DataConfig(dataset="someone/digits"), 8)
+    item = ds[1]
+    assert item["prompt"] == "two" and item["skipped"] == ["someone/digits[1] (image file is truncated)"]
+    assert [ds[i]["prompt"] for i in (0, 2)] == ["zero", "two"]
