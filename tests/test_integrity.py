@@ -337,6 +337,35 @@ def test_a_few_undecodable_images_are_skipped_and_resume_stays_exact(tiny_sd, tm
         assert all(torch.equal(p, q) for p, q in zip(module.state_dict().values(), other.state_dict().values()))
 
 
+@pytest.mark.slow
+def test_distill_names_skipped_images_in_the_summary_and_exits_3_past_the_fraction(tiny_sd, tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    files = {**{f"{i}.png": _png((60 * i, 0, 0)) for i in range(4)}, "inside.png": _broken_inside(_png((1, 2, 3)))}
+    for name, content in files.items():
+        (data / name).write_bytes(content)
+    (data / "garbage.png").write_bytes(b"not an image")
+    (data / "metadata.jsonl").write_text("".join(json.dumps({"file_name": n, "text": n}) + "\n"
+                                                 for n in [*files, "garbage.png"]))
+    out = tmp_path / "run"
+    argv = ["distill", "--teacher", tiny_sd, "--dataset", str(data), *RUN, "--max-train-steps", "4"]
+    assert main([*argv, "--output", str(out), "--max-bad-image-fraction", "0.5"]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: skipping unreadable image {data / 'garbage.png'}" in err
+    assert f"warning: skipping undecodable image {data / 'inside.png'}" in err
+    skipped = json.loads((out / "summary.json").read_text())["skipped_images"]
+    assert skipped["count"] == 2 and [f.split(" (")[0] for f in skipped["files"]] == [str(data / "garbage.png"),
+                                                                                       str(data / "inside.png")]
+    assert main([*argv, "--output", str(tmp_path / "before")]) == 2  # garbage.png: 1 of 6, found before the run
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: 1 of 6 images") and "\n" not in err and not (tmp_path / "before").exists()
+    (data / "garbage.png").write_bytes(_png((5, 5, 5)))
+    assert main([*argv, "--output", str(tmp_path / "mid")]) == 3  # inside.png: 1 of 6, met mid-run
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "warning" not in err
+    assert err.strip().splitlines()[-1].startswith(f"error: 1 of 6 images of {data} are not readable images")
+
+
 def test_logs_after_a_resume_hold_each_step_once(tiny_sd, tmp_path):
     first = _trainer(tiny_sd, tmp_path, checkpointing_steps=2)
     first.fit()
