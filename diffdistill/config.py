@@ -104,13 +104,16 @@ class TrainConfig:
 class DataConfig:
     """Where training images, captions or prompts come from (see diffdistill.data)."""
 
-    dataset: str = opt("digits", "'digits' (built in), an image folder with metadata.jsonl, a HF dataset name or "
+    dataset: str = opt("digits", "'digits' (built in), an image folder with metadata.jsonl or metadata.csv (or a "
+                                 "train/ folder with one), a HF dataset name or "
                                  "path, webdataset shards (*.tar, brace patterns allowed), or a prompts .txt file")
     image_column: str = opt("image", "image column of a HF dataset / imagefolder")
     caption_column: str = opt("text", "caption column of a HF dataset / imagefolder")
     resolution: int = opt(0, "training image size in pixels (0: the teacher's native size)")
     max_samples: int = opt(0, "use at most this many examples (0: all)")
     dataloader_num_workers: int = opt(0, "DataLoader worker processes")
+    max_bad_image_fraction: float = opt(0.01, "images that cannot be decoded are skipped and named on stderr; the "
+                                              "run fails (one line) only if more than this fraction of them is bad")
 
     FORMER_OPTIONS: ClassVar[dict[str, str]] = {
         "uncond_prob": "was removed: no method trains a network that is ever queried without its prompt (the "
@@ -121,6 +124,8 @@ class DataConfig:
         require(self.resolution >= 0, f"--resolution must be >= 0, got {self.resolution}")
         require(self.max_samples >= 0, f"--max-samples must be >= 0, got {self.max_samples}")
         require(self.dataloader_num_workers >= 0, f"--dataloader-num-workers must be >= 0, got {self.dataloader_num_workers}")
+        require(0 <= self.max_bad_image_fraction <= 1,
+                f"--max-bad-image-fraction must be in [0, 1], got {self.max_bad_image_fraction}")
 
 
 @dataclass

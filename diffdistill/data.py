@@ -3,7 +3,8 @@
 
 Sources, chosen from ``DataConfig.dataset``:
   * ``digits``: the built-in scikit-learn handwritten digits with captions ``a handwritten digit K``;
-  * a folder with ``metadata.jsonl`` (HF ``imagefolder`` layout: ``{"file_name": ..., "text": ...}`` per line);
+  * a folder with ``metadata.jsonl`` or ``metadata.csv`` (HF ``imagefolder`` layout: ``file_name`` + a caption
+    column, ``text`` by default), in the folder or in its ``train/`` split folder;
   * webdataset shards: ``*.tar`` files (brace patterns like ``data-{000..009}.tar`` allowed) holding
     ``KEY.jpg|png|webp`` + ``KEY.txt`` pairs, read with the standard library;
   * a ``.txt`` file: one prompt per line, no images;
@@ -12,9 +13,11 @@ Sources, chosen from ``DataConfig.dataset``:
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import re
+import sys
 import tarfile
 from pathlib import Path
 
@@ -65,20 +68,108 @@ class DigitsDataset(Dataset):
         return {"pixel_values": image, "prompt": self.captions[i]}
 
 
-class ImageFolderDataset(Dataset):
-    """An image folder with ``metadata.jsonl`` (the HF imagefolder layout)."""
+class DecodedImages(Dataset):
+    """Images decoded when read. One that fails to decode (truncated, corrupt past its header) is replaced by the
+    next readable one of the dataset, index ``i + 1, i + 2, ...``: the replacement depends on the index alone, so
+    batches stay the same on resume and on every rank count; the item names the skipped files under ``"skipped"``.
+    Subclasses set ``names``, ``captions``, ``resolution``, ``bad_files`` and define ``_open(i)``."""
 
-    def __init__(self, root: Path, caption_column: str, resolution: int):
-        meta = root / "metadata.jsonl"
-        require(meta.is_file(), f"image folder {root} has no metadata.jsonl")
-        self.items = []
-        for n, line in enumerate(meta.read_text().splitlines(), start=1):
-            if not line.strip():
-                continue
+    names: list[str]
+    captions: list[str]
+    resolution: int
+    bad_files: list[str]
+
+    def _open(self, i: int):
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, i: int) -> dict:
+        skipped = []
+        for k in range(len(self)):
+            j = (i + k) % len(self)
             try:
-                row = json.loads(line)
+                with self._open(j) as im:
+                    item = {"pixel_values": _to_tensor(im, self.resolution), "prompt": self.captions[j]}
+            except (OSError, SyntaxError, ValueError) as e:  # PIL's ways of saying the data is broken
+                skipped.append(f"{self.names[j]} ({_first_line(e)})")
+                continue
+            return {**item, "skipped": skipped} if skipped else item
+        raise RunFailed(f"none of the {len(self)} images can be decoded; first: {skipped[0]}")
+
+    def _screen(self, entries: list, open_entry, max_fraction: float, where: str) -> list:
+        """The entries whose image opens and passes PIL's ``verify`` (cheap: headers and chunk checksums, no full
+        decode); the others are named on stderr and kept in ``bad_files``. UserError if more than
+        ``max_fraction`` of them are bad."""
+        kept, self.bad_files = [], []
+        for name, entry in zip(self.names, entries):
+            reason = unreadable_reason(lambda entry=entry: open_entry(entry))
+            if reason is None:
+                kept.append((name, entry))
+            else:
+                self.bad_files.append(f"{name} ({reason})")
+        require_few_bad(len(self.bad_files), len(entries), max_fraction, where, self.bad_files[:1])
+        for bad in self.bad_files:  # only once the run goes on: a failing one prints its one error line alone
+            print(f"warning: skipping unreadable image {bad}", file=sys.stderr, flush=True)
+        self.names = [name for name, _ in kept]
+        return [entry for _, entry in kept]
+
+
+def require_few_bad(bad: int, total: int, max_fraction: float, where: str, examples: list[str],
+                    error: type[Exception] = UserError) -> None:
+    """Raise ``error`` (one line) if more than ``max_fraction`` of ``total`` images are unreadable."""
+    if bad and (bad > max_fraction * total or bad == total):
+        raise error(f"{bad} of {total} images of {where} are not readable images (more than "
+                    f"--max-bad-image-fraction {max_fraction:g}); e.g. {examples[0] if examples else '?'}")
+
+
+METADATA_FILES = ("metadata.jsonl", "metadata.csv")
+
+
+def find_metadata(root: Path) -> Path:
+    """The metadata file of an HF imagefolder: ``metadata.jsonl`` or ``metadata.csv`` in ``root``, or in its ``train/``
+    split folder (the split diffdistill trains on)."""
+    for folder in (root, root / "train"):
+        found = [folder / name for name in METADATA_FILES if (folder / name).is_file()]
+        require(len(found) < 2, f"image folder {folder} has both metadata.jsonl and metadata.csv; keep one")
+        if found:
+            return found[0]
+    raise UserError(f"image folder {root} has no metadata.jsonl or metadata.csv (nor a train/ folder with one)")
+
+
+def metadata_rows(meta: Path) -> list[tuple[int, dict]]:
+    """(line number, row) of a ``metadata.jsonl`` (one JSON object a line) or ``metadata.csv`` (a header line)."""
+    if meta.suffix == ".csv":
+        with meta.open(newline="") as f:
+            reader = csv.DictReader(f)
+            try:
+                return [(reader.line_num, row) for row in reader]
+            except csv.Error as e:
+                raise UserError(f"{meta}:{reader.line_num} is not valid CSV ({e})") from None
+    rows = []
+    for n, line in enumerate(meta.read_text().splitlines(), start=1):
+        if line.strip():
+            try:
+                rows.append((n, json.loads(line)))
             except json.JSONDecodeError:
                 raise UserError(f"{meta}:{n} is not valid JSON") from None
+    return rows
+
+
+class ImageFolderDataset(DecodedImages):
+    """An HF imagefolder: images with ``metadata.jsonl`` or ``metadata.csv`` (``file_name`` + a caption column),
+    in the folder itself or in its ``train/`` split folder."""
+
+    def __init__(self, root: Path, caption_column: str, resolution: int, max_bad_fraction: float = 0.01):
+        meta = find_metadata(root)
+        root = meta.parent  # file names are relative to the metadata file
+        rows = metadata_rows(meta)
+        if rows and isinstance(rows[0][1], dict) and caption_column not in rows[0][1]:
+            raise UserError(f"{meta} has no caption column '{caption_column}'; its columns: "
+                            f"{', '.join(map(str, rows[0][1]))}; choose one with --caption-column")
+        items = []
+        for n, row in rows:
             require(isinstance(row, dict) and "file_name" in row and caption_column in row,
                     f"{meta}:{n} needs 'file_name' and '{caption_column}' keys")
             name, caption = row["file_name"], row[caption_column]
@@ -88,24 +179,21 @@ class ImageFolderDataset(Dataset):
             require(not Path(name).is_absolute() and ".." not in Path(name).parts,
                     f"{meta}:{n}: file_name {name!r} points outside {root}")
             require((root / name).is_file(), f"{meta}:{n}: image {name} not found")
-            self.items.append((root / name, caption))
-        require(bool(self.items), f"{meta} lists no images")
-        for path, _ in self.items:
-            check_image(path)
+            items.append((root / name, caption))
+        require(bool(items), f"{meta} lists no images")
+        self.names = [str(path) for path, _ in items]
+        items = self._screen(items, lambda item: _open_image(item[0]), max_bad_fraction, str(root))
+        self.paths, self.captions = [path for path, _ in items], [caption for _, caption in items]
         self.resolution = resolution
 
-    def __len__(self) -> int:
-        return len(self.items)
+    def _open(self, i: int):
+        return _open_image(self.paths[i])
 
-    def __getitem__(self, i: int) -> dict:
-        from PIL import Image
 
-        path, caption = self.items[i]
-        try:
-            with Image.open(path) as im:
-                return {"pixel_values": _to_tensor(im, self.resolution), "prompt": caption}
-        except (OSError, SyntaxError, ValueError) as e:  # PIL's ways of saying the data is broken
-            raise RunFailed(f"{path}: cannot read image ({_first_line(e)})") from None
+def _open_image(source):
+    from PIL import Image
+
+    return Image.open(source)
 
 
 def _first_line(e: Exception) -> str:
@@ -113,16 +201,14 @@ def _first_line(e: Exception) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def check_image(path: Path) -> None:
-    """UserError unless ``path`` opens as an image and passes PIL's ``verify`` (cheap: no full decode; a file
-    broken deeper than that fails when it is read, with one line naming it)."""
-    from PIL import Image
-
+def unreadable_reason(open_image) -> str | None:
+    """None if ``open_image()`` gives an image that passes PIL's ``verify``, else why not (one line)."""
     try:
-        with Image.open(path) as im:
+        with open_image() as im:
             im.verify()
     except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, struct.error, ...
-        raise UserError(f"{path} is not a readable image ({_first_line(e)})") from None
+        return _first_line(e)
+    return None
 
 
 def expand_braces(pattern: str) -> list[str]:
@@ -137,14 +223,15 @@ def expand_braces(pattern: str) -> list[str]:
     return out
 
 
-class TarShardDataset(Dataset):
+class TarShardDataset(DecodedImages):
     """webdataset-style tar shards of ``KEY.{jpg,png,...}`` + ``KEY.txt`` pairs (loaded into memory index)."""
 
-    def __init__(self, pattern: str, resolution: int):
+    def __init__(self, pattern: str, resolution: int, max_bad_fraction: float = 0.01):
         shards = expand_braces(pattern)
         missing = [s for s in shards if not Path(s).is_file()]
         require(not missing, f"webdataset shard not found: {', '.join(missing[:3])}")
-        self.samples: list[tuple[bytes, str]] = []
+        samples: list[tuple[bytes, str]] = []
+        self.names = []
         for shard in shards:
             groups: dict[str, dict[str, bytes]] = {}
             try:
@@ -156,22 +243,18 @@ class TarShardDataset(Dataset):
                         groups.setdefault(key, {})["." + ext.lower()] = tar.extractfile(member).read()
             except tarfile.TarError as e:
                 raise UserError(f"{shard} is not a readable tar shard: {e}") from None
-            for _key, parts in sorted(groups.items()):
+            for key, parts in sorted(groups.items()):
                 img = next((parts[s] for s in IMAGE_SUFFIXES if s in parts), None)
                 if img is not None and ".txt" in parts:
-                    self.samples.append((img, parts[".txt"].decode("utf-8").strip()))
-        require(bool(self.samples), f"no image+.txt pairs found in {pattern}")
+                    samples.append((img, parts[".txt"].decode("utf-8").strip()))
+                    self.names.append(f"{shard}:{key}")
+        require(bool(samples), f"no image+.txt pairs found in {pattern}")
+        samples = self._screen(samples, lambda sample: _open_image(io.BytesIO(sample[0])), max_bad_fraction, pattern)
+        self.images, self.captions = [data for data, _ in samples], [caption for _, caption in samples]
         self.resolution = resolution
 
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, i: int) -> dict:
-        from PIL import Image
-
-        data, caption = self.samples[i]
-        with Image.open(io.BytesIO(data)) as im:
-            return {"pixel_values": _to_tensor(im, self.resolution), "prompt": caption}
+    def _open(self, i: int):
+        return _open_image(io.BytesIO(self.images[i]))
 
 
 class PromptDataset(Dataset):
@@ -188,8 +271,9 @@ class PromptDataset(Dataset):
         return {"prompt": self.prompts[i]}
 
 
-class HFDataset(Dataset):
-    """A HF ``datasets`` dataset (by name or local path), train split."""
+class HFDataset(DecodedImages):
+    """A HF ``datasets`` dataset (by name or local path), train split; rows are named ``NAME[i]`` (images decode
+    when read, so one that fails is replaced as in ``DecodedImages``; none is screened up front)."""
 
     def __init__(self, name: str, image_column: str, caption_column: str, resolution: int):
         try:
@@ -203,14 +287,12 @@ class HFDataset(Dataset):
             raise UserError(f"cannot load dataset {name!r}: {str(e).splitlines()[0]}") from None
         for col in (image_column, caption_column):
             require(col in ds.column_names, f"dataset {name!r} has no column {col!r}; columns: {ds.column_names}")
-        self.ds, self.image_column, self.caption_column, self.resolution = ds, image_column, caption_column, resolution
+        self.ds, self.image_column, self.resolution, self.bad_files = ds, image_column, resolution, []
+        self.captions = [str(c) for c in ds[caption_column]]
+        self.names = [f"{name}[{i}]" for i in range(len(ds))]
 
-    def __len__(self) -> int:
-        return len(self.ds)
-
-    def __getitem__(self, i: int) -> dict:
-        row = self.ds[i]
-        return {"pixel_values": _to_tensor(row[self.image_column], self.resolution), "prompt": str(row[self.caption_column])}
+    def _open(self, i: int):
+        return self.ds[i][self.image_column]
 
 
 def build_dataset(cfg: DataConfig, resolution: int) -> Dataset:
@@ -221,9 +303,9 @@ def build_dataset(cfg: DataConfig, resolution: int) -> Dataset:
     if src == "digits":
         ds: Dataset = DigitsDataset(res)
     elif p.is_dir():
-        ds = ImageFolderDataset(p, cfg.caption_column, res)
+        ds = ImageFolderDataset(p, cfg.caption_column, res, cfg.max_bad_image_fraction)
     elif src.endswith(".tar") or re.search(r"\.tar$", src.replace("}", "")):
-        ds = TarShardDataset(src, res)
+        ds = TarShardDataset(src, res, cfg.max_bad_image_fraction)
     elif src.endswith(".txt"):
         require(p.is_file(), f"prompt file not found: {src}")
         ds = PromptDataset(p)
@@ -252,9 +334,27 @@ def validation_prompts(cfg: DataConfig, dataset: Dataset) -> list[str]:
     return prompts
 
 
+def require_images(has_images: bool, what: str) -> None:
+    """UserError unless the data holds images (``what`` names the part of the run that learns from them)."""
+    require(has_images, f"{what} needs images: --dataset must hold images, not only prompts")
+
+
+def holds_images(dataset: Dataset) -> bool:
+    """Whether the dataset's items carry ``pixel_values`` (every source but a prompts file)."""
+    return not isinstance(getattr(dataset, "dataset", dataset), PromptDataset)
+
+
+def bad_image_files(dataset: Dataset) -> list[str]:
+    """The images a dataset dropped when it was built because they do not open (``name (reason)``)."""
+    return list(getattr(getattr(dataset, "dataset", dataset), "bad_files", []))
+
+
 def collate(items: list[dict]) -> dict:
-    """Stack images, keep prompts as a list of strings."""
+    """Stack images, keep prompts as a list of strings (and the files skipped while decoding under ``skipped``)."""
     batch: dict = {"prompt": [it["prompt"] for it in items]}
+    skipped = [name for it in items for name in it.get("skipped", ())]
+    if skipped:
+        batch["skipped"] = skipped
     if "pixel_values" in items[0]:
         batch["pixel_values"] = torch.stack([it["pixel_values"] for it in items])
     return batch

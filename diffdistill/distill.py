@@ -18,7 +18,7 @@ import torch
 
 from .checkpoint import new_run_id, resolve_resume
 from .config import RunConfig, require_adam_step_fits, save_yaml, to_dict
-from .data import build_dataset
+from .data import build_dataset, holds_images, require_images
 from .errors import require
 from .export import export_student
 from .methods import build_method_config, get_method
@@ -115,6 +115,8 @@ def run_distill(run: RunConfig, dry_run: bool = False) -> dict:
     method.validate(teacher)
     dataset = build_dataset(run.data, teacher.image_size)
     require(len(dataset) > 0, f"--dataset {run.data.dataset}: no examples")
+    if method.needs_images() is not None:
+        require_images(holds_images(dataset), method.needs_images())
     resolve_resume(run.train.resume_from_checkpoint, out / "checkpoints", run_id, warn=None)
 
     # Input is valid: from here on the output folder is written.
@@ -140,7 +142,8 @@ def _train_and_export(run: RunConfig, method, teacher, dataset, out: Path, resol
                      "train_minutes": round(result.minutes, 2),
                      "peak_memory_mb": round(result.peak_memory_mb, 1), "memory_kind": result.memory_kind,
                      "last_logs": result.last_logs, "num_processes": accelerator.num_processes,
-                     "rank_weight_sha256": result.rank_checksums}
+                     "rank_weight_sha256": result.rank_checksums,
+                     "skipped_images": {"count": len(result.skipped_images), "files": result.skipped_images}}
     if accelerator.is_main_process:
         summary.update(export_run(run, method, teacher, trainer, out, result.stopped_by))
         summary["total_minutes"] = round((time.time() - t0) / 60, 2)

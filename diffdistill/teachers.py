@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from .data import require_images
 from .denoiser import Denoiser, NoiseSchedule, scheduler_prediction_type
 from .errors import UserError, require
 from .loading import check_pipeline_folder, quiet_loading
@@ -87,7 +88,7 @@ class Teacher:
 
     def encode_batch(self, batch: dict, what: str) -> dict:
         """A data batch -> {"latents", "cond", "uncond"} for methods that learn from images (``what`` names the method)."""
-        require("pixel_values" in batch, f"{what} needs images: --dataset must hold images, not only prompts")
+        require_images("pixel_values" in batch, what)
         device = self.unet.device
         return {"latents": self.encode_images(batch["pixel_values"].to(device)),
                 "cond": self.encode_prompts(batch["prompt"], device), "uncond": self.encode_prompts([""], device)}

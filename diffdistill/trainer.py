@@ -17,7 +17,7 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -44,7 +44,7 @@ from .checkpoint import (
     write_checkpoint,
 )
 from .config import RunConfig
-from .data import collate, validation_prompts
+from .data import bad_image_files, collate, require_few_bad, validation_prompts
 from .errors import RunFailed, require
 from .memory import peak_memory_mb
 from .methods.base import DistillMethod
@@ -78,6 +78,7 @@ class TrainResult:
     last_logs: dict
     rank_checksums: list[str]
     stopped_by: str = "max_train_steps"
+    skipped_images: list[str] = field(default_factory=list)
 
 
 def segmented_lr_scheduler(name: str, optimizer, warmup_steps: int, segments: list[tuple[int, int]]):
@@ -130,6 +131,7 @@ class Trainer:
         self._stop_signal: int | None = None
         self.step = 0
         self.batches_seen = 0  # global count of micro-batches drawn, for exact data-order resume
+        self.skipped_images: list[str] = bad_image_files(dataset)  # dropped at build time, then met undecodable
         self.ema = None
         self.saved_step: int | None = None  # step of this run's newest checkpoint on disk
 
@@ -207,11 +209,24 @@ class Trainer:
             try:
                 for batch in loader:
                     self.batches_seen += 1
+                    self._note_skipped(batch.pop("skipped", []))
                     yield batch
             except RunFailed as e:  # an unreadable image met mid-run (in a worker: its traceback text)
                 message = str(e).strip().splitlines()[-1].split(f"{type(e).__name__}: ", 1)[-1]
                 raise RunFailed(f"{message} (at step {self.step + 1}){self._last_good_note()}") from None
             epoch, offset = epoch + 1, 0
+
+    def _note_skipped(self, skipped: list[str]) -> None:
+        """Name each newly met undecodable image on stderr (the dataset replaced it, see ``data.DecodedImages``);
+        RunFailed once more than --max-bad-image-fraction of the images are bad."""
+        new = [name for name in dict.fromkeys(skipped) if name not in self.skipped_images]
+        self.skipped_images += new
+        if new:  # checked first: a failing run prints its one error line alone
+            dropped = len(bad_image_files(self.dataset))
+            require_few_bad(len(self.skipped_images), len(self.dataset) + dropped,
+                            self.run.data.max_bad_image_fraction, self.run.data.dataset, new, error=RunFailed)
+        for name in new:
+            print(f"warning: skipping undecodable image {name}", file=sys.stderr, flush=True)
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path:
@@ -439,7 +454,8 @@ class Trainer:
             for s, h in previous.items():
                 signal.signal(s, h)
         mem, kind = peak_memory_mb(acc.device)
-        return TrainResult(self.step, (time.time() - t0) / 60, mem, kind, last_logs, self.rank_checksums(), stopped_by)
+        return TrainResult(self.step, (time.time() - t0) / 60, mem, kind, last_logs, self.rank_checksums(), stopped_by,
+                           list(self.skipped_images))
 
     def _optimizer_step(self, micro_batches: list[dict]) -> dict:
         """One optimiser step of every phase, in order, over the step's micro-batches; returns the logs (device

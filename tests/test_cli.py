@@ -206,6 +206,8 @@ def _bad_cases(tiny_sd: str, tmp: Path):
     notpipe.mkdir(exist_ok=True)
     afile = tmp / "afile.txt"
     afile.write_text("x")
+    prompts = tmp / "prompts.txt"
+    prompts.write_text("a cat\n")
     badyaml = tmp / "bad.yaml"
     badyaml.write_text("train: [unclosed\n")
     unknown = tmp / "unknown.yaml"
@@ -253,7 +255,13 @@ def _bad_cases(tiny_sd: str, tmp: Path):
         ([*d, "--dataset", str(folders["nulltext"])], "must be a string"),
         ([*d, "--dataset", str(folders["dotdot"])], "file_name '../afile.txt' points outside"),
         ([*d, "--dataset", str(folders["absolute"])], f"file_name '{afile}' points outside"),
-        ([*d, "--dataset", str(folders["corrupt"])], "not a readable image"),
+        ([*d, "--dataset", str(folders["corrupt"])], "1 of 1 images of"),
+        ([*d, "--dataset", str(tmp / "nodata"), "--max-bad-image-fraction", "2"], "--max-bad-image-fraction must be in"),
+        # prompts only, for a method that learns from images: refused before the run folder is written
+        ([*d, "--dataset", str(prompts)], "consistency distillation needs images: --dataset must hold images"),
+        ([*d, "--method", "progressive", "--dataset", str(prompts)], "progressive distillation needs images"),
+        ([*d, "--method", "dmd", "--steps", "1", "--gan-weight", "0.1", "--dataset", str(prompts)],
+         "--method dmd with --gan-weight > 0 needs images"),
         (["sds", "--prompt", "a", "--seed", "-1"], "--seed must be in [0, 2**32), got -1"),
         (["distill", "--teacher", str(tmp / "missing")], f"teacher not found: {tmp / 'missing'}"),
         (["distill", "--teacher", str(afile)], "is a file, not a diffusers pipeline folder"),

@@ -289,7 +289,7 @@ def _broken_inside(png: bytes) -> bytes:
     return png[: i + 4] + bad + struct.pack(">I", zlib.crc32(b"IDAT" + bad)) + png[i + 8 + n:]
 
 
-def test_an_image_that_breaks_mid_run_fails_with_one_line_and_the_run_resumes(tiny_sd, tmp_path):
+def test_an_image_that_breaks_mid_run_fails_with_one_line_and_the_run_resumes(tiny_sd, tmp_path, capsys):
     data = tmp_path / "data"
     data.mkdir()
     for i in range(4):
@@ -299,16 +299,71 @@ def test_an_image_that_breaks_mid_run_fails_with_one_line_and_the_run_resumes(ti
     (data / "2.png").write_bytes(_broken_inside(_png((120, 0, 0))))
     out = tmp_path / "run"
     out.mkdir()
-    tr = _trainer(tiny_sd, out, dataset=str(data), checkpointing_steps=1)
+    tr = _trainer(tiny_sd, out, dataset=str(data), checkpointing_steps=1)  # 1 of 4 bad: more than 0.01
     with pytest.raises(RunFailed) as e:
         tr.fit()
     msg = str(e.value)
-    assert "\n" not in msg and str(data / "2.png") in msg and "cannot read image" in msg
+    assert "\n" not in msg and str(data / "2.png") in msg and "1 of 4 images" in msg
+    assert "--max-bad-image-fraction 0.01" in msg
+    assert "warning" not in capsys.readouterr().err  # the error line alone
     (data / "2.png").write_bytes(_png((120, 0, 0)))  # the user repairs the file ...
     again = _trainer(tiny_sd, out, run_id=tr.run_id, dataset=str(data), checkpointing_steps=1,
                      resume_from_checkpoint="latest")
     again.fit()  # ... and resumes
     assert again.step == 4
+
+
+def test_a_few_undecodable_images_are_skipped_and_resume_stays_exact(tiny_sd, tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(4):
+        (data / f"{i}.png").write_bytes(_png((60 * i, 0, 0)))
+    (data / "2.png").write_bytes(_broken_inside(_png((120, 0, 0))))
+    (data / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f"{i}.png", "text": f"img {i}"}) + "\n"
+                                                 for i in range(4)))
+    kw = {"dataset": str(data), "max_bad_image_fraction": 0.5, "checkpointing_steps": 2}
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    whole = _trainer(tiny_sd, tmp_path / "a", **kw)
+    whole.fit()
+    assert capsys.readouterr().err.count(f"warning: skipping undecodable image {data / '2.png'}") == 1
+    assert whole.skipped_images and str(data / "2.png") in whole.skipped_images[0]
+    part = _trainer(tiny_sd, tmp_path / "b", **{**kw, "max_train_steps": 2})
+    part.fit()
+    resumed = _trainer(tiny_sd, tmp_path / "b", run_id=part.run_id, **kw, resume_from_checkpoint="latest")
+    resumed.fit()
+    for name, module in whole.method.state_modules().items():
+        other = resumed.method.state_modules()[name]
+        assert all(torch.equal(p, q) for p, q in zip(module.state_dict().values(), other.state_dict().values()))
+
+
+@pytest.mark.slow
+def test_distill_names_skipped_images_in_the_summary_and_exits_3_past_the_fraction(tiny_sd, tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    files = {**{f"{i}.png": _png((60 * i, 0, 0)) for i in range(4)}, "inside.png": _broken_inside(_png((1, 2, 3)))}
+    for name, content in files.items():
+        (data / name).write_bytes(content)
+    (data / "garbage.png").write_bytes(b"not an image")
+    (data / "metadata.jsonl").write_text("".join(json.dumps({"file_name": n, "text": n}) + "\n"
+                                                 for n in [*files, "garbage.png"]))
+    out = tmp_path / "run"
+    argv = ["distill", "--teacher", tiny_sd, "--dataset", str(data), *RUN, "--max-train-steps", "4"]
+    assert main([*argv, "--output", str(out), "--max-bad-image-fraction", "0.5"]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: skipping unreadable image {data / 'garbage.png'}" in err
+    assert f"warning: skipping undecodable image {data / 'inside.png'}" in err
+    skipped = json.loads((out / "summary.json").read_text())["skipped_images"]
+    assert skipped["count"] == 2 and [f.split(" (")[0] for f in skipped["files"]] == [str(data / "garbage.png"),
+                                                                                       str(data / "inside.png")]
+    assert main([*argv, "--output", str(tmp_path / "before")]) == 2  # garbage.png: 1 of 6, found before the run
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: 1 of 6 images") and "\n" not in err and not (tmp_path / "before").exists()
+    (data / "garbage.png").write_bytes(_png((5, 5, 5)))
+    assert main([*argv, "--output", str(tmp_path / "mid")]) == 3  # inside.png: 1 of 6, met mid-run
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "warning" not in err
+    assert err.strip().splitlines()[-1].startswith(f"error: 1 of 6 images of {data} are not readable images")
 
 
 def test_logs_after_a_resume_hold_each_step_once(tiny_sd, tmp_path):

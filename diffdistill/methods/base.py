@@ -77,6 +77,10 @@ class DistillMethod:
     def validate(self, teacher) -> None:
         """Checks that need the loaded teacher (raise UserError); runs before anything is written."""
 
+    def needs_images(self) -> str | None:
+        """What in this run learns from data images (e.g. "consistency distillation"); None when prompts suffice."""
+        return None
+
     def setup(self, teacher) -> None:
         """Build the student and any extra networks from the (frozen) teacher."""
         raise NotImplementedError

@@ -149,6 +149,9 @@ class ConsistencyDistillation(DistillMethod):
             return 1.0  # guidance is baked into a LoRA student; scale 1 also skips the CFG pass
         return self.cfg.middle_guidance_scale()
 
+    def needs_images(self) -> str | None:
+        return "consistency distillation"
+
     def validate(self, teacher) -> None:
         t_train = teacher.schedule.num_train_timesteps
         require(self.cfg.num_ddim_timesteps <= t_train,
@@ -181,7 +184,7 @@ class ConsistencyDistillation(DistillMethod):
         sched, pt = self.teacher.schedule, self.teacher.prediction_type
         student = Denoiser(self.student, sched, pt)
         target = Denoiser(self.target, sched, pt) if self.target is not None else None
-        return consistency_loss(student, self.teacher.denoiser(), self.teacher.encode_batch(batch, "consistency distillation"),
+        return consistency_loss(student, self.teacher.denoiser(), self.teacher.encode_batch(batch, self.needs_images()),
                                 self.cfg, target)
 
     def after_step(self, step: int) -> None:

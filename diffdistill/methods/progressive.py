@@ -177,6 +177,9 @@ class ProgressiveDistillation(DistillMethod):
         self.current: Stage | None = None
         self.stage_teacher = None
 
+    def needs_images(self) -> str | None:
+        return "progressive distillation"
+
     def default_guidance_scale(self) -> float:
         return self.cfg.middle_guidance_scale()
 
@@ -226,7 +229,7 @@ class ProgressiveDistillation(DistillMethod):
 
     def loss(self, phase: str, batch: dict, step: int):
         stage = self.current
-        prepared = self.teacher.encode_batch(batch, "progressive distillation")
+        prepared = self.teacher.encode_batch(batch, self.needs_images())
         student = Denoiser(self.student, self.schedule, self.teacher.prediction_type)
         if stage.kind == "guidance":
             teacher = Denoiser(self.teacher.unet, self.schedule, self.teacher.prediction_type)

@@ -198,6 +198,9 @@ class ScoreDistillation(RegressionPoolState, DistillMethod):
         self.phases = ("fake_score",) * cfg.fake_updates + ("generator",) if self.use_fake_score else ("generator",)
         self.fake = None
 
+    def needs_images(self) -> str | None:
+        return f"--method {self.name} with --gan-weight > 0" if self.use_fake_score and self.cfg.gan_weight > 0 else None
+
     def validate(self, teacher) -> None:
         t_train = teacher.schedule.num_train_timesteps
         require(self.cfg.t_max < t_train, f"--t-max must be < {t_train} (the teacher's timesteps), got {self.cfg.t_max}")
@@ -303,7 +306,7 @@ class ScoreDistillation(RegressionPoolState, DistillMethod):
     def _fake_score_and_head_loss(self, fake: Denoiser, samples: torch.Tensor, batch: dict, cond, t):
         """DMD2's critic update: the fake network's denoising loss on generator samples plus the head's
         real/fake classification of its mid-block features, in one batched pass (one DDP forward)."""
-        real = self.teacher.encode_batch(batch, f"--method {self.name} with --gan-weight > 0")["latents"]
+        real = self.teacher.encode_batch(batch, self.needs_images())["latents"]
         b = samples.shape[0]
         noise = torch.randn_like(samples)
         x_t = torch.cat([fake.schedule.add_noise(samples.detach(), noise, t),
