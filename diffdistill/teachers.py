@@ -127,6 +127,8 @@ def load_teacher(source: str, revision: str = "", variant: str = "", local_files
     """Load a Stable Diffusion teacher from a local folder or a hub id, frozen, with one-line errors."""
     from diffusers import DDPMScheduler, StableDiffusionPipeline
 
+    from .solvers import scheduler_from_config
+
     local = Path(source)
     if local.exists() or not HUB_ID.match(source):
         check_teacher_folder(source)
@@ -154,6 +156,6 @@ def load_teacher(source: str, revision: str = "", variant: str = "", local_files
         pipe.to(device)
         pipe.vae.to(torch.float32)  # the VAE stays in fp32: SD's VAE overflows in fp16
     # The training noise schedule comes from the scheduler config (DDPM holds it without inference state).
-    ddpm = DDPMScheduler.from_config(pipe.scheduler.config)
+    ddpm = scheduler_from_config(DDPMScheduler, pipe.scheduler.config)
     schedule = NoiseSchedule.from_scheduler(ddpm, final_alphas_cumprod=float(ddpm.alphas_cumprod[0]))
     return Teacher(pipe=pipe, schedule=schedule, prediction_type=scheduler_prediction_type(pipe.scheduler), source=source)

@@ -20,6 +20,7 @@ from diffdistill.errors import UserError
 from diffdistill.eval.config import SCHEDULERS, parse_scheduler_spec
 from diffdistill.images import save_grid as images_grid
 from diffdistill.loading import quiet_loading
+from diffdistill.solvers import scheduler_from_config
 
 GRID_COLUMNS = 10  # one column per digit prompt
 GRID_ROWS = 10
@@ -80,7 +81,7 @@ def make_scheduler(spec: str, base_scheduler: Any):
     name, user_overrides = parse_scheduler_spec(spec)
     preset = SCHEDULERS[name]
     cls, overrides = (type(base_scheduler), {}) if preset is None else (getattr(diffusers, preset[0]), dict(preset[1]))
-    return cls.from_config(base_scheduler.config, **{**overrides, **user_overrides})
+    return scheduler_from_config(cls, base_scheduler.config, **{**overrides, **user_overrides})
 
 
 class CallCounter:
