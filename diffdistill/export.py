@@ -31,19 +31,21 @@ def float32(module: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(module).to(torch.float32)
 
 
-def build_pipeline(teacher, unet, scheduler, dtype_of_teacher: bool = True):
+def build_pipeline(teacher, unet, scheduler, dtype_of_teacher: bool = True, safety: bool = False):
     """A StableDiffusionPipeline from the teacher's VAE, text encoder and tokenizer plus ``unet`` and ``scheduler``.
 
-    ``dtype_of_teacher=False`` takes float32 copies of a half-precision VAE and text encoder (for export)."""
+    ``dtype_of_teacher=False`` takes float32 copies of a half-precision VAE and text encoder (for export);
+    ``safety=True`` adds the teacher's safety checker and feature extractor where it has them (for export)."""
     from diffusers import StableDiffusionPipeline
 
     vae, text_encoder = teacher.pipe.vae, teacher.pipe.text_encoder
     if not dtype_of_teacher:
         vae, text_encoder = float32(vae), float32(text_encoder)
+    parts = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    if safety and teacher.safety_parts:
+        parts = {**teacher.safety_parts, "safety_checker": float32(teacher.safety_parts["safety_checker"])}
     pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=teacher.pipe.tokenizer,
-        unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
+        vae=vae, text_encoder=text_encoder, tokenizer=teacher.pipe.tokenizer, unet=unet, scheduler=scheduler, **parts)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -79,7 +81,7 @@ def export_pipeline(teacher, unet, scheduler, folder: Path, steps: int, guidance
     unet = with_inert_guidance_embedding(unet.to(torch.float32))
     # Every component is saved in float32 (training may hold the teacher's VAE and text encoder in half
     # precision): a folder of mixed dtypes fails in a plain StableDiffusionPipeline call.
-    pipe = build_pipeline(teacher, unet, scheduler, dtype_of_teacher=False)
+    pipe = build_pipeline(teacher, unet, scheduler, dtype_of_teacher=False, safety=True)
     try:
         with quiet_loading():
             pipe.save_pretrained(str(tmp), safe_serialization=True)
@@ -177,6 +179,11 @@ def export_student(run, method, teacher, pipeline_dir: Path, lora_dir: Path, pro
     baked = json.loads((pipeline_dir / EXPORT_INFO).read_text()).get("guidance_baked", False)
     if baked:
         details["guidance"] = "baked into the weights: guidance_scale has no effect (one UNet pass per step)"
+    if run.drop_safety_checker:
+        details["safety checker"] = ("dropped (--drop-safety-checker): this pipeline does not filter its outputs, "
+                                     "whatever the teacher did")
+    elif teacher.safety_parts:
+        details["safety checker"] = "the teacher's, kept with its feature extractor"
     if stopped_by != "max_train_steps":
         details["training stopped"] = f"early, by --{stopped_by.replace('_', '-')}, at step {train_steps}"
     usage = (f'from diffusers import DiffusionPipeline\n\npipe = DiffusionPipeline.from_pretrained("{pipeline_dir}")\n'

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -51,3 +52,40 @@ def test_a_pndm_teachers_export_scheduler_has_only_the_target_class_keys(preset,
     assert set(saved) - {"_class_name", "_diffusers_version"} <= set(cls._get_init_keys(cls))
     assert saved["beta_schedule"] == "scaled_linear" and saved["steps_offset"] in (0, 1)
     assert not [m for m in _load_warnings(cls, tmp_path) if "not expected" in m]
+
+
+@pytest.fixture(scope="module")
+def tiny_sd_safe(tmp_path_factory):
+    """The tiny digits-SD teacher with a (tiny random) safety checker and requires_safety_checker: true."""
+    from diffdistill.tiny_pipelines import save_pipeline
+
+    return save_pipeline(tmp_path_factory.mktemp("tiny-sd-safe") / "pipe", safety_checker=True)
+
+
+def _components(folder) -> dict:
+    index = json.loads((folder / "model_index.json").read_text())
+    return {k: index[k] for k in ("safety_checker", "feature_extractor", "requires_safety_checker")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("drop", [False, True])
+def test_the_teachers_safety_checker_is_exported_unless_dropped(drop, tiny_sd_safe, tmp_path, one_thread):
+    from diffusers import DiffusionPipeline
+    from test_cli import TINY
+
+    from diffdistill.cli import main
+
+    out = tmp_path / "run"
+    flags = ["--drop-safety-checker"] if drop else []
+    assert main(["distill", "--method", "lcm", "--teacher", tiny_sd_safe, "--output", str(out), *TINY, *flags]) == 0
+    card = (out / "pipeline" / "README.md").read_text()
+    if drop:
+        assert _components(out / "pipeline") == {"safety_checker": [None, None], "feature_extractor": [None, None],
+                                                 "requires_safety_checker": False}
+        assert "dropped (--drop-safety-checker)" in card
+        return
+    assert _components(out / "pipeline") == _components(Path(tiny_sd_safe))
+    assert "the teacher's, kept" in card
+    pipe = DiffusionPipeline.from_pretrained(str(out / "pipeline"))
+    assert type(pipe.safety_checker).__name__ == "StableDiffusionSafetyChecker"
+    assert pipe.feature_extractor is not None and pipe.config.requires_safety_checker is True
