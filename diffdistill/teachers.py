@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,10 +9,9 @@ import torch
 
 from .denoiser import Denoiser, NoiseSchedule, scheduler_prediction_type
 from .errors import UserError, require
-from .loading import check_pipeline_folder, quiet_loading
+from .loading import check_pipeline_folder, check_variant, first_line, hub_kwargs, is_hub_id, quiet_loading
 
 SUPPORTED_PIPELINES = ("StableDiffusionPipeline",)
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 # Distinct prompts whose embeddings a Teacher keeps (digits-SD has 11; web caption sets are not cached).
 PROMPT_CACHE_SIZE = 4096
@@ -136,13 +133,12 @@ def load_teacher(source: str, revision: str = "", variant: str = "", local_files
 
     from .solvers import scheduler_from_config
 
-    local = Path(source)
-    if local.exists() or not HUB_ID.match(source):
-        check_teacher_folder(source)
-        kwargs = {}
+    if is_hub_id(source):
+        kwargs = hub_kwargs(revision, local_files_only)
     else:
-        kwargs = {"revision": revision or None, "local_files_only": local_files_only or
-                  os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "")}
+        check_teacher_folder(source)
+        check_variant(source, variant, "teacher")
+        kwargs = {}
     if variant:
         kwargs["variant"] = variant
     try:
@@ -151,8 +147,7 @@ def load_teacher(source: str, revision: str = "", variant: str = "", local_files
                 kwargs.update(safety_checker=None, requires_safety_checker=False)
             pipe = StableDiffusionPipeline.from_pretrained(source, dtype=dtype, **kwargs)
     except Exception as e:  # noqa: BLE001 - any load failure becomes one line for the user
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot load teacher {source!r}: {msg}") from None
+        raise UserError(f"cannot load teacher {source!r}: {first_line(e)}") from None
     pipe.set_progress_bar_config(disable=True)
     safety_parts = {}
     if pipe.safety_checker is not None:

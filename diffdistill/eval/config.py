@@ -20,7 +20,7 @@ from diffdistill.config import opt
 from diffdistill.digits import DIGIT_PROMPTS, caption_to_label
 from diffdistill.errors import UserError, require
 from diffdistill.eval import fidelity
-from diffdistill.loading import check_pipeline_folder
+from diffdistill.loading import local_pipeline
 from diffdistill.outputs import check_writable
 
 DEFAULT_STEPS = "1,2,4,8,50"
@@ -234,7 +234,10 @@ def _compare_side(text: str, labels: list[str], steps: list[int]) -> CompareSide
 class BenchConfig:
     """Everything ``run_bench`` needs; ``__post_init__`` normalises list fields and validates every input."""
 
-    pipelines: list[str] = opt([], "saved diffusers pipeline folders to benchmark")
+    pipelines: list[str] = opt([], "saved diffusers pipeline folders (or hub ids) to benchmark")
+    variant: str = opt("", "weights variant to load, e.g. fp16 ('' = the plain weights), as distill's --variant")
+    revision: str = opt("", "hub revision of hub-id pipelines ('' = default branch)")
+    local_files_only: bool = opt(False, "never contact the hub for hub-id pipelines (set HF_HUB_OFFLINE=1 for the same)")
     output: str = opt("", "folder to write the report into (required; must be new, empty, or an earlier report)")
     steps: list[int] | str = opt(DEFAULT_STEPS, "comma list of num_inference_steps values")
     guidance: list[float] | str | None = opt(
@@ -290,7 +293,9 @@ class BenchConfig:
             self.pipelines = [self.pipelines]
         require(len(self.pipelines) > 0, "give at least one pipeline folder")
         require(bool(self.output), "--output is required")
-        self.pipelines = [str(p) for p in self.pipelines if check_pipeline_folder(p) is not None]
+        names = [str(p) for p in self.pipelines]
+        self.pipelines = [local_pipeline(p, self.revision, self.variant, self.local_files_only, "pipeline folder")
+                          for p in names]
         self.steps = parse_steps(self.steps)
         self.guidance = parse_guidance(self.guidance)
         self.schedulers = parse_names(self.schedulers) or ["default"]
@@ -343,7 +348,7 @@ class BenchConfig:
         require(dev.type == "cuda" or self.dtype == "float32", f"--dtype {self.dtype} needs --device cuda")
         self.labels = parse_names(self.labels) if isinstance(self.labels, str) else list(self.labels or [])
         if not self.labels:
-            self.labels = unique_labels(self.pipelines)
+            self.labels = unique_labels(names)
         require(len(self.labels) == len(self.pipelines),
                 f"give one label per pipeline: {len(self.labels)} labels for {len(self.pipelines)} pipelines")
         require(len(set(self.labels)) == len(self.labels), f"--labels values must differ, got {self.labels}")

@@ -32,12 +32,14 @@ GRID_MAX_CELL = 256
 # Measurement helpers
 # ----------------------------------------------------------------------------------------------------------
 
-def load_pipeline(folder: str, device: torch.device, dtype: torch.dtype):
-    """``DiffusionPipeline.from_pretrained(folder)`` moved to ``device``; load failures become UserErrors."""
+def load_pipeline(folder: str, device: torch.device, dtype: torch.dtype, variant: str = ""):
+    """``DiffusionPipeline.from_pretrained(folder, variant=...)`` moved to ``device``; load failures become UserErrors."""
     from diffusers import DiffusionPipeline
 
     # float32 is from_pretrained's default; only half precision needs the (renamed in 0.36+) dtype argument.
     kwargs = {} if dtype == torch.float32 else {"torch_dtype": dtype}
+    if variant:
+        kwargs["variant"] = variant
     try:
         with quiet_loading(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*torch_dtype.*is deprecated", category=FutureWarning)

@@ -1,0 +1,56 @@
+"""Loading teachers and benchmarked pipelines: weight variants, hub flags, one-line errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from diffdistill.cli import main
+from diffdistill.errors import UserError
+from diffdistill.eval import config, sampling
+from diffdistill.teachers import load_teacher
+
+
+@pytest.fixture(scope="module")
+def fp16_only(tmp_path_factory):
+    """The tiny digits-SD pipeline saved with only ``*.fp16.safetensors`` weights (a variant-only folder)."""
+    from diffdistill.tiny_pipelines import build_pipeline
+
+    folder = tmp_path_factory.mktemp("fp16-only") / "pipe"
+    build_pipeline().save_pretrained(str(folder), safe_serialization=True, variant="fp16")
+    assert not list(folder.glob("unet/*model.safetensors")) and list(folder.glob("unet/*.fp16.safetensors"))
+    return str(folder)
+
+
+def _one_line_error(argv, capsys) -> str:
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith("error: "), (argv, err)
+    return err
+
+
+def test_a_variant_only_teacher_names_the_variant_flag(fp16_only, tmp_path, capsys, one_thread):
+    out = tmp_path / "run"
+    err = _one_line_error(["distill", "--teacher", fp16_only, "--output", str(out), "--max-train-steps", "1"], capsys)
+    assert "pass --variant fp16" in err and not out.exists()
+    err = _one_line_error(["distill", "--teacher", fp16_only, "--variant", "bf16", "--output", str(out)], capsys)
+    assert "no bf16 ones" in err and not out.exists()
+    teacher = load_teacher(fp16_only, variant="fp16")
+    assert teacher.unet.dtype == torch.float32
+
+
+def test_bench_takes_the_loading_flags_of_distill(fp16_only, tiny_sd, tmp_path, capsys, one_thread):
+    out = tmp_path / "report"
+    err = _one_line_error(["bench", fp16_only, "--output", str(out), "--no-cache"], capsys)
+    assert "pass --variant fp16" in err and not out.exists()
+    err = _one_line_error(["bench", "nobody-here/no-such-pipeline", "--local-files-only", "--output", str(out)], capsys)
+    assert "cannot fetch pipeline folder 'nobody-here/no-such-pipeline'" in err and not out.exists()
+    cfg = config.BenchConfig(pipelines=[fp16_only], variant="fp16", output=str(out), num_samples=100)
+    assert cfg.labels == ["pipe"] and not out.exists()
+    pipe = sampling.load_pipeline(fp16_only, torch.device("cpu"), torch.float32, cfg.variant)
+    assert pipe.unet.dtype == torch.float32
+    with pytest.raises(UserError, match="drop --variant"):
+        config.BenchConfig(pipelines=[tiny_sd], variant="fp16", output=str(out), num_samples=100)
