@@ -50,6 +50,32 @@ def first_line(e: BaseException) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
+def refused_pickle(e: BaseException) -> str | None:
+    """When ``e`` (or what caused it) is torch.load refusing a pickle under ``weights_only=True``: one line saying
+    so, which file and which global it asked for; else None."""
+    import pickle
+
+    chain, x = [], e
+    while x is not None and len(chain) < 20:
+        chain.append(x)
+        x = x.__cause__ or x.__context__
+    refusal = next((x for x in chain if isinstance(x, pickle.UnpicklingError)), None)
+    if refusal is None:
+        return None
+    text = " ".join(str(x) for x in chain)
+    wanted = re.search(r"GLOBAL (\S+)", text)
+    file = re.search(r"'([^']+\.(?:bin|pt|pth|ckpt))'", text)
+    return (f"refused the pickled weights file {file.group(1) if file else ''}".rstrip() + ": it asks to "
+            + (f"call {wanted.group(1)}" if wanted else "build objects that are not tensors")
+            + " while loading, which could run any code, so weights_only=True unpickling stopped; "
+            "use safetensors weights, or .bin weights from a source you trust converted to safetensors")
+
+
+def load_error_line(e: BaseException) -> str:
+    """One line for a failed from_pretrained: a refused pickle said as such, else the first line of the error."""
+    return refused_pickle(e) or first_line(e)
+
+
 def local_pipeline(source: str, revision: str, variant: str, local_files_only: bool, what: str) -> str:
     """A local diffusers pipeline folder for ``source``, checked (layout, weights of ``variant``): the folder
     itself, or the hub snapshot of a hub id (downloaded unless ``local_files_only``); one-line UserErrors."""
@@ -93,9 +119,15 @@ def check_variant(folder: str | Path, variant: str, what: str) -> None:
                         f"{variant or 'plain (no variant)'} ones; {hint}")
 
 
+def _not_a_safetensors_fallback(record) -> bool:
+    """False for diffusers' error record of a missing .safetensors file before it falls back to the .bin one."""
+    return not record.getMessage().startswith("An error occurred while trying to fetch")
+
+
 @contextlib.contextmanager
 def quiet_loading():
-    """Inside the block, diffusers/transformers show no loading bars and log errors only."""
+    """Inside the block, diffusers/transformers show no loading bars and log errors only (but not diffusers'
+    "An error occurred while trying to fetch" for a component with .bin weights only, which it then loads)."""
     import diffusers.utils.logging as dlog
     import transformers.utils.logging as tlog
 
@@ -105,9 +137,12 @@ def quiet_loading():
     tlog.disable_progress_bar()
     dlog.set_verbosity_error()
     tlog.set_verbosity_error()
+    models_log = dlog.get_logger("diffusers.models.modeling_utils")
+    models_log.addFilter(_not_a_safetensors_fallback)
     try:
         yield
     finally:
+        models_log.removeFilter(_not_a_safetensors_fallback)
         dlog.set_verbosity(levels[0])
         tlog.set_verbosity(levels[1])
         if bars[0]:

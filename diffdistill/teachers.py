@@ -9,7 +9,7 @@ import torch
 
 from .denoiser import Denoiser, NoiseSchedule, scheduler_prediction_type
 from .errors import UserError, require
-from .loading import check_pipeline_folder, check_variant, first_line, hub_kwargs, is_hub_id, quiet_loading
+from .loading import check_pipeline_folder, check_variant, hub_kwargs, is_hub_id, load_error_line, quiet_loading
 
 SUPPORTED_PIPELINES = ("StableDiffusionPipeline",)
 
@@ -147,7 +147,7 @@ def load_teacher(source: str, revision: str = "", variant: str = "", local_files
                 kwargs.update(safety_checker=None, requires_safety_checker=False)
             pipe = StableDiffusionPipeline.from_pretrained(source, dtype=dtype, **kwargs)
     except Exception as e:  # noqa: BLE001 - any load failure becomes one line for the user
-        raise UserError(f"cannot load teacher {source!r}: {first_line(e)}") from None
+        raise UserError(f"cannot load teacher {source!r}: {load_error_line(e)}") from None
     pipe.set_progress_bar_config(disable=True)
     safety_parts = {}
     if pipe.safety_checker is not None:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -54,3 +58,48 @@ def test_bench_takes_the_loading_flags_of_distill(fp16_only, tiny_sd, tmp_path, 
     assert pipe.unet.dtype == torch.float32
     with pytest.raises(UserError, match="drop --variant"):
         config.BenchConfig(pipelines=[tiny_sd], variant="fp16", output=str(out), num_samples=100)
+
+
+class _OpensAFile:
+    """Unpickling this creates a file: what a malicious weights file would do."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+@pytest.fixture(scope="module")
+def pickled(tmp_path_factory):
+    """The tiny pipeline with pickled ``.bin`` UNet and VAE weights: (plain folder, folder whose UNet pickle
+    carries code, the file that code would create)."""
+    import shutil
+
+    from diffdistill.tiny_pipelines import build_pipeline
+
+    root = tmp_path_factory.mktemp("pickled")
+    plain, evil, victim = root / "plain", root / "evil", root / "PWNED"
+    build_pipeline().save_pretrained(str(plain), safe_serialization=False)
+    assert (plain / "unet" / "diffusion_pytorch_model.bin").is_file()
+    shutil.copytree(plain, evil)
+    unet_bin = evil / "unet" / "diffusion_pytorch_model.bin"
+    state = torch.load(unet_bin, weights_only=True)
+    torch.save({**state, "payload": _OpensAFile(str(victim))}, unet_bin)
+    return str(plain), str(evil), victim
+
+
+def test_pickled_weights_load_safely_and_a_code_carrying_pickle_is_refused(pickled, tmp_path, capsys, one_thread):
+    plain, evil, victim = pickled
+    assert load_teacher(plain).unet is not None  # plain tensors in a pickle: weights_only=True loads them
+    out = tmp_path / "run"
+    err = _one_line_error(["distill", "--teacher", evil, "--output", str(out), "--max-train-steps", "1"], capsys)
+    assert "refused the pickled weights file" in err and "diffusion_pytorch_model.bin" in err and "open" in err
+    assert "weights_only=True" in err and not out.exists() and not victim.exists()
+    # In a process of its own (diffusers' loggers write to the real stderr, which capsys does not see): one line.
+    r = subprocess.run([sys.executable, "-m", "diffdistill.cli", "distill", "--teacher", evil, "--output", str(out)],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 2 and r.stderr.strip() == err and not out.exists() and not victim.exists(), r.stderr
+    with pytest.raises(UserError, match="refused the pickled weights file") as e:
+        sampling.load_pipeline(evil, torch.device("cpu"), torch.float32)
+    assert len(str(e.value).splitlines()) == 1 and not victim.exists()

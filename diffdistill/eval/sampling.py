@@ -19,7 +19,7 @@ import torch
 from diffdistill.errors import UserError
 from diffdistill.eval.config import SCHEDULERS, parse_scheduler_spec
 from diffdistill.images import save_grid as images_grid
-from diffdistill.loading import quiet_loading
+from diffdistill.loading import first_line, quiet_loading, refused_pickle
 from diffdistill.solvers import scheduler_from_config
 
 GRID_COLUMNS = 10  # one column per digit prompt
@@ -45,8 +45,10 @@ def load_pipeline(folder: str, device: torch.device, dtype: torch.dtype, variant
             warnings.filterwarnings("ignore", message=".*torch_dtype.*is deprecated", category=FutureWarning)
             pipe = DiffusionPipeline.from_pretrained(folder, **kwargs)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise UserError(f"could not load a diffusers pipeline from {folder}: {type(e).__name__}: {first_line}") from None
+        refused = refused_pickle(e)
+        if refused:
+            raise UserError(f"could not load a diffusers pipeline from {folder}: {refused}") from None
+        raise UserError(f"could not load a diffusers pipeline from {folder}: {type(e).__name__}: {first_line(e)}") from None
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
