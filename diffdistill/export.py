@@ -10,6 +10,7 @@ export leaves nothing behind.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import shutil
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from .digits import DATASET_KEY, DIGITS_DATASET, DIGITS_MARKER
 from .loading import quiet_loading
 from .outputs import replace_dir
 
@@ -148,6 +150,16 @@ def bench_table(pipeline_dir: Path, out: Path, steps: list[int], guidance: float
     return report_markdown_table(run_bench(cfg))
 
 
+def digits_student(run) -> bool:
+    """A student is a digits pipeline (``DIGITS_MARKER`` in its diffdistill.json, what bench's digits defaults
+    need) when its teacher folder is one or it was trained on --dataset digits."""
+    teacher_info = Path(run.teacher) / EXPORT_INFO
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        if json.loads(teacher_info.read_text()).get(DATASET_KEY) == DIGITS_DATASET:
+            return True
+    return run.data.dataset == DIGITS_DATASET
+
+
 def export_student(run, method, teacher, pipeline_dir: Path, lora_dir: Path, prompt: str, train_steps: int, *,
                    unwrap=lambda m: m, info: dict | None = None, stopped_by: str = "max_train_steps",
                    bench_dir: Path | None = None) -> dict:
@@ -159,7 +171,8 @@ def export_student(run, method, teacher, pipeline_dir: Path, lora_dir: Path, pro
     # The student's own step count: --steps, unless a time limit stopped a staged run early.
     n = method.sampling_steps()
     guidance = method.recommended_guidance_scale
-    info = {**(info or {}), "method": run.method, "teacher": run.teacher, "train_steps": train_steps}
+    info = {**(info or {}), "method": run.method, "teacher": run.teacher, "train_steps": train_steps,
+            **(DIGITS_MARKER if digits_student(run) else {})}
     unet = method.export_unet(unwrap)
     scheduler = method.export_scheduler(teacher.scheduler)
     pipeline_dir = export_pipeline(teacher, unet, scheduler, Path(pipeline_dir), n, guidance, info, prompt)

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from .digits import DIGITS_MARKER
+
 # The whole vocabulary the prompts use; every other word falls back to byte-level tokens.
 WORDS = ["a", "handwritten", "digit"] + [str(k) for k in range(10)]
 TOKENIZER_MAX_LENGTH = 16
@@ -174,10 +176,11 @@ def build_pipeline(seed: int = 0, prediction_type: str = "epsilon", safety_check
 
 def save_pipeline(folder: str | Path, seed: int = 0, prediction_type: str = "epsilon",
                   safety_checker: bool = False) -> str:
-    """``build_pipeline(seed, prediction_type, safety_checker)`` saved to ``folder`` as safetensors; returns the
-    folder as a string."""
+    """``build_pipeline(seed, prediction_type, safety_checker)`` saved to ``folder`` as safetensors, marked as a
+    digits pipeline; returns the folder as a string."""
     build_pipeline(seed=seed, prediction_type=prediction_type,
                    safety_checker=safety_checker).save_pretrained(str(folder), safe_serialization=True)
+    (Path(folder) / "diffdistill.json").write_text(json.dumps(DIGITS_MARKER) + "\n")  # a digits pipeline
     return str(folder)
 
 

@@ -79,6 +79,7 @@ def test_the_teachers_safety_checker_is_exported_unless_dropped(drop, tiny_sd_sa
     flags = ["--drop-safety-checker"] if drop else []
     assert main(["distill", "--method", "lcm", "--teacher", tiny_sd_safe, "--output", str(out), *TINY, *flags]) == 0
     card = (out / "pipeline" / "README.md").read_text()
+    assert json.loads((out / "pipeline" / "diffdistill.json").read_text())["dataset"] == "digits"  # bench's defaults
     if drop:
         assert _components(out / "pipeline") == {"safety_checker": [None, None], "feature_extractor": [None, None],
                                                  "requires_safety_checker": False}

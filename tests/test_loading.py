@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from diffdistill.cli import main
+from diffdistill.digits import DIGITS_MARKER
 from diffdistill.errors import UserError
 from diffdistill.eval import config, sampling
 from diffdistill.teachers import load_teacher
@@ -22,6 +24,7 @@ def fp16_only(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("fp16-only") / "pipe"
     build_pipeline().save_pretrained(str(folder), safe_serialization=True, variant="fp16")
+    (folder / "diffdistill.json").write_text(json.dumps(DIGITS_MARKER))
     assert not list(folder.glob("unet/*model.safetensors")) and list(folder.glob("unet/*.fp16.safetensors"))
     return str(folder)
 
@@ -103,3 +106,24 @@ def test_pickled_weights_load_safely_and_a_code_carrying_pickle_is_refused(pickl
     with pytest.raises(UserError, match="refused the pickled weights file") as e:
         sampling.load_pipeline(evil, torch.device("cpu"), torch.float32)
     assert len(str(e.value).splitlines()) == 1 and not victim.exists()
+
+
+def test_bench_needs_reference_and_prompts_for_a_pipeline_that_is_not_digits(tiny_sd, tmp_path, capsys, one_thread):
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_sd, other)
+    (other / "diffdistill.json").unlink()  # a plain diffusers folder: nothing says it draws digits
+    out, cache_dir = tmp_path / "report", str(tmp_path / "cache")
+    for extra, missing in (([], "--reference and --prompts"), (["--reference", "digits"], "give --prompts,")):
+        err = _one_line_error(["bench", tiny_sd, str(other), *extra, "--output", str(out), "--cache-dir", cache_dir],
+                              capsys)
+        assert "other is not a digits pipeline" in err and missing in err, err
+    assert not out.exists() and not (tmp_path / "cache").exists()
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na blue square\n")
+    cfg = config.BenchConfig(pipelines=[str(other)], reference="digits", prompts=str(prompts), output=str(out),
+                             num_samples=100)
+    assert cfg.reference == "digits" and not out.exists()
+    # digits-SD and its students (the tiny one here) keep the digits defaults.
+    assert config.BenchConfig(pipelines=[tiny_sd], output=str(out), num_samples=100).reference == "digits"
