@@ -90,3 +90,24 @@ def test_the_teachers_safety_checker_is_exported_unless_dropped(drop, tiny_sd_sa
     pipe = DiffusionPipeline.from_pretrained(str(out / "pipeline"))
     assert type(pipe.safety_checker).__name__ == "StableDiffusionSafetyChecker"
     assert pipe.feature_extractor is not None and pipe.config.requires_safety_checker is True
+
+
+@pytest.mark.slow
+def test_a_pndm_teachers_export_loads_without_unexpected_config_attributes(tmp_path, one_thread):
+    from test_cli import TINY
+
+    from diffdistill.cli import main
+    from diffdistill.digits import DIGITS_MARKER
+    from diffdistill.tiny_pipelines import build_pipeline
+
+    teacher = tmp_path / "pndm-teacher"
+    pipe = build_pipeline()
+    pipe.scheduler = PNDMScheduler.from_config(pipe.scheduler.config, skip_prk_steps=True)
+    pipe.save_pretrained(str(teacher), safe_serialization=True)
+    (teacher / "diffdistill.json").write_text(json.dumps(DIGITS_MARKER))
+    assert json.loads((teacher / "scheduler" / "scheduler_config.json").read_text())["skip_prk_steps"] is True
+    out = tmp_path / "run"
+    assert main(["distill", "--method", "lcm", "--teacher", str(teacher), "--output", str(out), *TINY]) == 0
+    saved = json.loads((out / "pipeline" / "scheduler" / "scheduler_config.json").read_text())
+    assert saved["_class_name"] == "LCMScheduler" and "skip_prk_steps" not in saved
+    assert not [m for m in _load_warnings(LCMScheduler, out / "pipeline" / "scheduler") if "not expected" in m]
