@@ -144,6 +144,9 @@ class RunConfig:
                                              "(diffdistill.json) and model card, and used for the validation grids and "
                                              "the card's benchmark (-1: the method's choice: the middle of [--w-min, "
                                              "--w-max] for a student with a guidance embedding, else 1)")
+    drop_safety_checker: bool = opt(False, "export without the teacher's safety checker and feature extractor "
+                                           "(the model card says so); by default the export keeps them, and the "
+                                           "teacher's requires_safety_checker, as the teacher has them")
     benchmark_samples: int = opt(200, "samples per step count for the FID table of the model card (0: skip)")
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)

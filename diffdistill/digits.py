@@ -14,6 +14,10 @@ CAPTION_TEMPLATE = "a handwritten digit {}"
 DIGIT_PROMPTS = [CAPTION_TEMPLATE.format(k) for k in range(10)]
 IMAGE_SIZE = 32
 UPSCALE = 4
+# A pipeline folder's diffdistill.json with "dataset": "digits" marks a digits pipeline (digits-SD, its students,
+# the tiny test pipelines): bench scores those, and only those, against the real digits by default.
+DATASET_KEY, DIGITS_DATASET = "dataset", "digits"
+DIGITS_MARKER = {DATASET_KEY: DIGITS_DATASET}
 
 
 def digit_caption(label: int) -> str:

@@ -111,7 +111,8 @@ def run_distill(run: RunConfig, dry_run: bool = False) -> dict:
         require_adam_step_fits(method.learning_rate(phase, run.train.learning_rate), run.train.adam_beta1,
                                f"the learning rate of phase {phase}")
     teacher = load_teacher(run.teacher, run.revision, run.variant, run.local_files_only,
-                           device=accelerator.device, dtype=weight_dtype(run.train.mixed_precision))
+                           device=accelerator.device, dtype=weight_dtype(run.train.mixed_precision),
+                           safety_checker=not run.drop_safety_checker)
     method.validate(teacher)
     dataset = build_dataset(run.data, teacher.image_size)
     require(len(dataset) > 0, f"--dataset {run.data.dataset}: no examples")

@@ -10,6 +10,7 @@ export leaves nothing behind.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import shutil
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from .digits import DATASET_KEY, DIGITS_DATASET, DIGITS_MARKER
 from .loading import quiet_loading
 from .outputs import replace_dir
 
@@ -31,19 +33,21 @@ def float32(module: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(module).to(torch.float32)
 
 
-def build_pipeline(teacher, unet, scheduler, dtype_of_teacher: bool = True):
+def build_pipeline(teacher, unet, scheduler, dtype_of_teacher: bool = True, safety: bool = False):
     """A StableDiffusionPipeline from the teacher's VAE, text encoder and tokenizer plus ``unet`` and ``scheduler``.
 
-    ``dtype_of_teacher=False`` takes float32 copies of a half-precision VAE and text encoder (for export)."""
+    ``dtype_of_teacher=False`` takes float32 copies of a half-precision VAE and text encoder (for export);
+    ``safety=True`` adds the teacher's safety checker and feature extractor where it has them (for export)."""
     from diffusers import StableDiffusionPipeline
 
     vae, text_encoder = teacher.pipe.vae, teacher.pipe.text_encoder
     if not dtype_of_teacher:
         vae, text_encoder = float32(vae), float32(text_encoder)
+    parts = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    if safety and teacher.safety_parts:
+        parts = {**teacher.safety_parts, "safety_checker": float32(teacher.safety_parts["safety_checker"])}
     pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=teacher.pipe.tokenizer,
-        unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
+        vae=vae, text_encoder=text_encoder, tokenizer=teacher.pipe.tokenizer, unet=unet, scheduler=scheduler, **parts)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -79,7 +83,7 @@ def export_pipeline(teacher, unet, scheduler, folder: Path, steps: int, guidance
     unet = with_inert_guidance_embedding(unet.to(torch.float32))
     # Every component is saved in float32 (training may hold the teacher's VAE and text encoder in half
     # precision): a folder of mixed dtypes fails in a plain StableDiffusionPipeline call.
-    pipe = build_pipeline(teacher, unet, scheduler, dtype_of_teacher=False)
+    pipe = build_pipeline(teacher, unet, scheduler, dtype_of_teacher=False, safety=True)
     try:
         with quiet_loading():
             pipe.save_pretrained(str(tmp), safe_serialization=True)
@@ -146,6 +150,16 @@ def bench_table(pipeline_dir: Path, out: Path, steps: list[int], guidance: float
     return report_markdown_table(run_bench(cfg))
 
 
+def digits_student(run) -> bool:
+    """A student is a digits pipeline (``DIGITS_MARKER`` in its diffdistill.json, what bench's digits defaults
+    need) when its teacher folder is one or it was trained on --dataset digits."""
+    teacher_info = Path(run.teacher) / EXPORT_INFO
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        if json.loads(teacher_info.read_text()).get(DATASET_KEY) == DIGITS_DATASET:
+            return True
+    return run.data.dataset == DIGITS_DATASET
+
+
 def export_student(run, method, teacher, pipeline_dir: Path, lora_dir: Path, prompt: str, train_steps: int, *,
                    unwrap=lambda m: m, info: dict | None = None, stopped_by: str = "max_train_steps",
                    bench_dir: Path | None = None) -> dict:
@@ -157,7 +171,8 @@ def export_student(run, method, teacher, pipeline_dir: Path, lora_dir: Path, pro
     # The student's own step count: --steps, unless a time limit stopped a staged run early.
     n = method.sampling_steps()
     guidance = method.recommended_guidance_scale
-    info = {**(info or {}), "method": run.method, "teacher": run.teacher, "train_steps": train_steps}
+    info = {**(info or {}), "method": run.method, "teacher": run.teacher, "train_steps": train_steps,
+            **(DIGITS_MARKER if digits_student(run) else {})}
     unet = method.export_unet(unwrap)
     scheduler = method.export_scheduler(teacher.scheduler)
     pipeline_dir = export_pipeline(teacher, unet, scheduler, Path(pipeline_dir), n, guidance, info, prompt)
@@ -177,6 +192,11 @@ def export_student(run, method, teacher, pipeline_dir: Path, lora_dir: Path, pro
     baked = json.loads((pipeline_dir / EXPORT_INFO).read_text()).get("guidance_baked", False)
     if baked:
         details["guidance"] = "baked into the weights: guidance_scale has no effect (one UNet pass per step)"
+    if run.drop_safety_checker:
+        details["safety checker"] = ("dropped (--drop-safety-checker): this pipeline does not filter its outputs, "
+                                     "whatever the teacher did")
+    elif teacher.safety_parts:
+        details["safety checker"] = "the teacher's, kept with its feature extractor"
     if stopped_by != "max_train_steps":
         details["training stopped"] = f"early, by --{stopped_by.replace('_', '-')}, at step {train_steps}"
     usage = (f'from diffusers import DiffusionPipeline\n\npipe = DiffusionPipeline.from_pretrained("{pipeline_dir}")\n'

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import re
 from pathlib import Path
 
 from .errors import UserError, require
@@ -29,9 +31,103 @@ def check_pipeline_folder(path: str | Path, what: str = "pipeline folder") -> di
     return index
 
 
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def is_hub_id(source: str) -> bool:
+    """A hub id (``owner/name``) that is not a local path."""
+    return not Path(source).exists() and HUB_ID.match(source) is not None
+
+
+def hub_kwargs(revision: str, local_files_only: bool) -> dict:
+    """from_pretrained / download arguments for a hub id; HF_HUB_OFFLINE=1 counts as --local-files-only."""
+    return {"revision": revision or None,
+            "local_files_only": local_files_only or os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "")}
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its class name when it has none)."""
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def refused_pickle(e: BaseException) -> str | None:
+    """When ``e`` (or what caused it) is torch.load refusing a pickle under ``weights_only=True``: one line saying
+    so, which file and which global it asked for; else None."""
+    import pickle
+
+    chain, x = [], e
+    while x is not None and len(chain) < 20:
+        chain.append(x)
+        x = x.__cause__ or x.__context__
+    refusal = next((x for x in chain if isinstance(x, pickle.UnpicklingError)), None)
+    if refusal is None:
+        return None
+    text = " ".join(str(x) for x in chain)
+    wanted = re.search(r"GLOBAL (\S+)", text)
+    file = re.search(r"'([^']+\.(?:bin|pt|pth|ckpt))'", text)
+    return (f"refused the pickled weights file {file.group(1) if file else ''}".rstrip() + ": it asks to "
+            + (f"call {wanted.group(1)}" if wanted else "build objects that are not tensors")
+            + " while loading, which could run any code, so weights_only=True unpickling stopped; "
+            "use safetensors weights, or .bin weights from a source you trust converted to safetensors")
+
+
+def load_error_line(e: BaseException) -> str:
+    """One line for a failed from_pretrained: a refused pickle said as such, else the first line of the error."""
+    return refused_pickle(e) or first_line(e)
+
+
+def local_pipeline(source: str, revision: str, variant: str, local_files_only: bool, what: str) -> str:
+    """A local diffusers pipeline folder for ``source``, checked (layout, weights of ``variant``): the folder
+    itself, or the hub snapshot of a hub id (downloaded unless ``local_files_only``); one-line UserErrors."""
+    if is_hub_id(source):
+        from diffusers import DiffusionPipeline
+
+        try:
+            with quiet_loading():
+                source = str(DiffusionPipeline.download(source, variant=variant or None,
+                                                        **hub_kwargs(revision, local_files_only)))
+        except Exception as e:  # noqa: BLE001 - any download failure becomes one line for the user
+            raise UserError(f"cannot fetch {what} {source!r} from the hub: {first_line(e)}") from None
+    check_pipeline_folder(source, what)
+    check_variant(source, variant, what)
+    return source
+
+
+def weight_variants(folder: str | Path) -> dict[str, set[str]]:
+    """Component name -> the weight variants its folder holds ("" for plain ``model.safetensors``, "fp16" for
+    ``model.fp16.safetensors``; shards and .bin files alike); components without weight files are left out."""
+    found: dict[str, set[str]] = {}
+    for f in Path(folder).glob("*/*"):
+        parts = f.name.split(".")
+        if len(parts) < 2 or parts[-1] not in ("safetensors", "bin"):
+            continue
+        variant = re.sub(r"-\d+-of-\d+$", "", parts[-2]) if len(parts) > 2 else ""
+        found.setdefault(f.parent.name, set()).add(variant)
+    return found
+
+
+def check_variant(folder: str | Path, variant: str, what: str) -> None:
+    """One-line UserError, before diffusers' own "no file named ..." message, when a local pipeline folder has no
+    weights of ``variant`` ("" = the plain ones) for some component: names the --variant to pass instead."""
+    for component, variants in sorted(weight_variants(folder).items()):
+        if variant in variants:
+            continue
+        others = ", ".join(sorted(v or "plain" for v in variants))
+        hint = (f"pass --variant {sorted(variants)[0]}" if not variant and len(variants) == 1
+                else "drop --variant" if "" in variants else f"pass --variant with one of: {others}")
+        raise UserError(f"{what} {folder}: {component}/ holds only {others} weights, no "
+                        f"{variant or 'plain (no variant)'} ones; {hint}")
+
+
+def _not_a_safetensors_fallback(record) -> bool:
+    """False for diffusers' error record of a missing .safetensors file before it falls back to the .bin one."""
+    return not record.getMessage().startswith("An error occurred while trying to fetch")
+
+
 @contextlib.contextmanager
 def quiet_loading():
-    """Inside the block, diffusers/transformers show no loading bars and log errors only."""
+    """Inside the block, diffusers/transformers show no loading bars and log errors only (but not diffusers'
+    "An error occurred while trying to fetch" for a component with .bin weights only, which it then loads)."""
     import diffusers.utils.logging as dlog
     import transformers.utils.logging as tlog
 
@@ -41,9 +137,12 @@ def quiet_loading():
     tlog.disable_progress_bar()
     dlog.set_verbosity_error()
     tlog.set_verbosity_error()
+    models_log = dlog.get_logger("diffusers.models.modeling_utils")
+    models_log.addFilter(_not_a_safetensors_fallback)
     try:
         yield
     finally:
+        models_log.removeFilter(_not_a_safetensors_fallback)
         dlog.set_verbosity(levels[0])
         tlog.set_verbosity(levels[1])
         if bars[0]:

@@ -101,12 +101,20 @@ def trailing_grid(num_train_timesteps: int, steps: int) -> torch.Tensor:
     return torch.tensor([*ts.tolist(), -1])
 
 
+def scheduler_from_config(cls, config, **overrides):
+    """``cls.from_config(config, **overrides)`` with only the keys ``cls`` accepts: a PNDM teacher's
+    ``skip_prk_steps`` (or any other class's own keys) never reaches the exported scheduler_config.json,
+    where diffusers would warn about "unexpected config attributes" at every load."""
+    accepted = set(cls._get_init_keys(cls))
+    return cls.from_config({k: v for k, v in dict(config).items() if k in accepted}, **overrides)
+
+
 def lcm_scheduler(teacher_scheduler, original_inference_steps: int, timestep_scaling: float, prediction_type: str):
     """The ``LCMScheduler`` preset of a student trained on ``lcm_grid(T, original_inference_steps)`` with the
     consistency boundary scalings at ``timestep_scaling`` (``denoiser.consistency_output``): it applies the
     training map at each sampling step and re-noises in between."""
     from diffusers import LCMScheduler
 
-    return LCMScheduler.from_config(teacher_scheduler.config, original_inference_steps=original_inference_steps,
-                                    timestep_scaling=timestep_scaling, prediction_type=prediction_type,
-                                    clip_sample=False)
+    return scheduler_from_config(LCMScheduler, teacher_scheduler.config, original_inference_steps=original_inference_steps,
+                                 timestep_scaling=timestep_scaling, prediction_type=prediction_type,
+                                 clip_sample=False)

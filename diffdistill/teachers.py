@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,10 +10,9 @@ import torch
 from .data import require_images
 from .denoiser import Denoiser, NoiseSchedule, scheduler_prediction_type
 from .errors import UserError, require
-from .loading import check_pipeline_folder, quiet_loading
+from .loading import check_pipeline_folder, check_variant, hub_kwargs, is_hub_id, load_error_line, quiet_loading
 
 SUPPORTED_PIPELINES = ("StableDiffusionPipeline",)
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 # Distinct prompts whose embeddings a Teacher keeps (digits-SD has 11; web caption sets are not cached).
 PROMPT_CACHE_SIZE = 4096
@@ -38,6 +35,9 @@ class Teacher:
     schedule: NoiseSchedule
     prediction_type: str
     source: str
+    # The teacher's safety_checker, feature_extractor and requires_safety_checker, kept on the CPU (never used in
+    # training) for the export; empty when the teacher has none or they were dropped.
+    safety_parts: dict = field(default_factory=dict)
     _prompt_cache: dict = field(default_factory=dict)
 
     @property
@@ -124,27 +124,39 @@ class Teacher:
 
 
 def load_teacher(source: str, revision: str = "", variant: str = "", local_files_only: bool = False,
-                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Teacher:
-    """Load a Stable Diffusion teacher from a local folder or a hub id, frozen, with one-line errors."""
+                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                 safety_checker: bool = False) -> Teacher:
+    """Load a Stable Diffusion teacher from a local folder or a hub id, frozen, with one-line errors.
+
+    ``safety_checker=True`` also loads the teacher's safety checker and feature extractor (for the export), kept
+    on the CPU in ``Teacher.safety_parts``; the training pipeline ``Teacher.pipe`` never holds them."""
     from diffusers import DDPMScheduler, StableDiffusionPipeline
 
-    local = Path(source)
-    if local.exists() or not HUB_ID.match(source):
-        check_teacher_folder(source)
-        kwargs = {}
+    from .solvers import scheduler_from_config
+
+    if is_hub_id(source):
+        kwargs = hub_kwargs(revision, local_files_only)
     else:
-        kwargs = {"revision": revision or None, "local_files_only": local_files_only or
-                  os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "")}
+        check_teacher_folder(source)
+        check_variant(source, variant, "teacher")
+        kwargs = {}
     if variant:
         kwargs["variant"] = variant
     try:
         with quiet_loading():
-            pipe = StableDiffusionPipeline.from_pretrained(source, dtype=dtype, safety_checker=None,
-                                                           requires_safety_checker=False, **kwargs)
+            if not safety_checker:
+                kwargs.update(safety_checker=None, requires_safety_checker=False)
+            pipe = StableDiffusionPipeline.from_pretrained(source, dtype=dtype, **kwargs)
     except Exception as e:  # noqa: BLE001 - any load failure becomes one line for the user
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot load teacher {source!r}: {msg}") from None
+        raise UserError(f"cannot load teacher {source!r}: {load_error_line(e)}") from None
     pipe.set_progress_bar_config(disable=True)
+    safety_parts = {}
+    if pipe.safety_checker is not None:
+        safety_parts = {"safety_checker": pipe.safety_checker.requires_grad_(False).eval(),
+                        "feature_extractor": pipe.feature_extractor,
+                        "requires_safety_checker": bool(pipe.config.requires_safety_checker)}
+        pipe.safety_checker, pipe.feature_extractor = None, None
+        pipe.register_to_config(requires_safety_checker=False)
     prediction_type = pipe.scheduler.config.get("prediction_type", "epsilon")
     require(prediction_type in ("epsilon", "v_prediction"),
             f"teacher {source}: prediction_type {prediction_type!r} is not supported (epsilon or v_prediction)")
@@ -155,6 +167,7 @@ def load_teacher(source: str, revision: str = "", variant: str = "", local_files
         pipe.to(device)
         pipe.vae.to(torch.float32)  # the VAE stays in fp32: SD's VAE overflows in fp16
     # The training noise schedule comes from the scheduler config (DDPM holds it without inference state).
-    ddpm = DDPMScheduler.from_config(pipe.scheduler.config)
+    ddpm = scheduler_from_config(DDPMScheduler, pipe.scheduler.config)
     schedule = NoiseSchedule.from_scheduler(ddpm, final_alphas_cumprod=float(ddpm.alphas_cumprod[0]))
-    return Teacher(pipe=pipe, schedule=schedule, prediction_type=scheduler_prediction_type(pipe.scheduler), source=source)
+    return Teacher(pipe=pipe, schedule=schedule, prediction_type=scheduler_prediction_type(pipe.scheduler), source=source,
+                   safety_parts=safety_parts)

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from .digits import DIGITS_MARKER
+
 # The whole vocabulary the prompts use; every other word falls back to byte-level tokens.
 WORDS = ["a", "handwritten", "digit"] + [str(k) for k in range(10)]
 TOKENIZER_MAX_LENGTH = 16
@@ -142,8 +144,22 @@ def build_scheduler(prediction_type: str = "epsilon"):
     )
 
 
-def build_pipeline(seed: int = 0, prediction_type: str = "epsilon"):
-    """An untrained digits-SD StableDiffusionPipeline with seeded random weights (for tests and smoke runs)."""
+def build_safety_parts() -> dict:
+    """A tiny random StableDiffusionSafetyChecker (1-layer CLIP vision tower, 32 wide) and its CLIPImageProcessor,
+    as StableDiffusionPipeline takes them (``requires_safety_checker=True``)."""
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    tower = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=1)
+    config = CLIPConfig(text_config={**tower, "vocab_size": 100},
+                        vision_config={**tower, "image_size": 32, "patch_size": 4}, projection_dim=32)
+    return {"safety_checker": StableDiffusionSafetyChecker(config).eval(),
+            "feature_extractor": CLIPImageProcessor(size=32, crop_size=32), "requires_safety_checker": True}
+
+
+def build_pipeline(seed: int = 0, prediction_type: str = "epsilon", safety_checker: bool = False):
+    """An untrained digits-SD StableDiffusionPipeline with seeded random weights (for tests and smoke runs);
+    ``safety_checker=True`` gives it a tiny random safety checker."""
     from diffusers import StableDiffusionPipeline
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -152,14 +168,19 @@ def build_pipeline(seed: int = 0, prediction_type: str = "epsilon"):
     torch.manual_seed(seed)
     vae, unet = build_vae(), build_unet()
     scheduler = build_scheduler(prediction_type)
+    safety = (build_safety_parts() if safety_checker else
+              {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False})
     return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+                                   scheduler=scheduler, **safety)
 
 
-def save_pipeline(folder: str | Path, seed: int = 0, prediction_type: str = "epsilon") -> str:
-    """``build_pipeline(seed, prediction_type)`` saved to ``folder`` as safetensors; returns the folder as a string."""
-    build_pipeline(seed=seed, prediction_type=prediction_type).save_pretrained(str(folder), safe_serialization=True)
+def save_pipeline(folder: str | Path, seed: int = 0, prediction_type: str = "epsilon",
+                  safety_checker: bool = False) -> str:
+    """``build_pipeline(seed, prediction_type, safety_checker)`` saved to ``folder`` as safetensors, marked as a
+    digits pipeline; returns the folder as a string."""
+    build_pipeline(seed=seed, prediction_type=prediction_type,
+                   safety_checker=safety_checker).save_pretrained(str(folder), safe_serialization=True)
+    (Path(folder) / "diffdistill.json").write_text(json.dumps(DIGITS_MARKER) + "\n")  # a digits pipeline
     return str(folder)
 
 

@@ -182,6 +182,7 @@ def _run(cfg: BenchConfig, staging: Path) -> dict:
     multi_guidance = any(len(g) > 1 for g in guidance_by_pipe)
     common = {"prompts": hashlib.sha256("\n".join(prompts).encode()).hexdigest(), "seed": cfg.seed,
               "num_samples": cfg.num_samples, "batch_size": cfg.batch_size, "dtype": cfg.dtype,
+              **({"variant": cfg.variant} if cfg.variant else {}),  # the same folder, other weights
               "device": device.type, **inst.key_parts(), "versions": {"diffusers": diffusers.__version__}}
 
     report: dict[str, Any] = {
@@ -230,7 +231,7 @@ def _run(cfg: BenchConfig, staging: Path) -> dict:
                         hit = cache.load_entry(cfg.cache_path, "cells", key)
                         if hit is None:
                             if pipe is None:
-                                pipe = load_pipeline(folder, device, dtype)
+                                pipe = load_pipeline(folder, device, dtype, cfg.variant)
                             pipe.scheduler = make_scheduler(sched_name, base_scheduler)  # fresh state per cell
                             if not warmed:
                                 warmup(pipe, prompts, cfg, steps, guidance)

@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from diffdistill.config import opt
-from diffdistill.digits import DIGIT_PROMPTS, caption_to_label
+from diffdistill.digits import DATASET_KEY, DIGIT_PROMPTS, DIGITS_DATASET, caption_to_label
 from diffdistill.errors import UserError, require
 from diffdistill.eval import fidelity
-from diffdistill.loading import check_pipeline_folder
+from diffdistill.loading import local_pipeline
 from diffdistill.outputs import check_writable
 
 DEFAULT_STEPS = "1,2,4,8,50"
@@ -146,16 +146,28 @@ def parse_names(value: str | list[str] | None) -> list[str]:
     return list(dict.fromkeys(s.strip() for s in items if s.strip()))
 
 
-def read_recommended_guidance(folder: str | Path) -> float | None:
-    """``recommended_guidance_scale`` from the folder's diffdistill.json, or None when absent."""
+def read_export_info(folder: str | Path) -> dict:
+    """The folder's diffdistill.json as a dict ({} when absent); a one-line UserError when it is not JSON."""
     path = Path(folder) / DIFFDISTILL_JSON
     if not path.is_file():
-        return None
+        return {}
     try:
         meta = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise UserError(f"{path} is not valid JSON ({e})") from None
-    value = meta.get(GUIDANCE_KEY) if isinstance(meta, dict) else None
+    return meta if isinstance(meta, dict) else {}
+
+
+def is_digits_pipeline(folder: str | Path) -> bool:
+    """Whether the folder's diffdistill.json says ``"dataset": "digits"``: digits-SD (assets/digits-sd), the
+    tiny test pipelines, and every export of a digits teacher or of a run on --dataset digits say so."""
+    return read_export_info(folder).get(DATASET_KEY) == DIGITS_DATASET
+
+
+def read_recommended_guidance(folder: str | Path) -> float | None:
+    """``recommended_guidance_scale`` from the folder's diffdistill.json, or None when absent."""
+    path = Path(folder) / DIFFDISTILL_JSON
+    value = read_export_info(folder).get(GUIDANCE_KEY)
     if value is None:
         return None
     require(isinstance(value, (int, float)) and math.isfinite(value) and value >= 0,
@@ -234,7 +246,10 @@ def _compare_side(text: str, labels: list[str], steps: list[int]) -> CompareSide
 class BenchConfig:
     """Everything ``run_bench`` needs; ``__post_init__`` normalises list fields and validates every input."""
 
-    pipelines: list[str] = opt([], "saved diffusers pipeline folders to benchmark")
+    pipelines: list[str] = opt([], "saved diffusers pipeline folders (or hub ids) to benchmark")
+    variant: str = opt("", "weights variant to load, e.g. fp16 ('' = the plain weights), as distill's --variant")
+    revision: str = opt("", "hub revision of hub-id pipelines ('' = default branch)")
+    local_files_only: bool = opt(False, "never contact the hub for hub-id pipelines (set HF_HUB_OFFLINE=1 for the same)")
     output: str = opt("", "folder to write the report into (required; must be new, empty, or an earlier report)")
     steps: list[int] | str = opt(DEFAULT_STEPS, "comma list of num_inference_steps values")
     guidance: list[float] | str | None = opt(
@@ -257,10 +272,11 @@ class BenchConfig:
     bootstrap: int = opt(1000, "bootstrap replicates for FID, CLIP score and comparisons; each costs one FID from "
                                "statistics (torch-fidelity, on the CPU): about 1 ms with 64-d digits features, but "
                                "about 40 s with 2048-d Inception features on 2 cores")
-    reference: str = opt(fidelity.DIGITS_REFERENCE, "real images: 'digits' (the 1,797 scikit-learn digits at 32x32) "
-                                                    "or a folder of images")
+    reference: str | None = opt(None, "real images: 'digits' (the 1,797 scikit-learn digits at 32x32) or a folder "
+                                      "of images (none: digits, for digits pipelines only: those whose "
+                                      f"{DIFFDISTILL_JSON} says \"{DATASET_KEY}\": \"{DIGITS_DATASET}\")")
     prompts: str | None = opt(None, "text file, one prompt per line, cycled over the samples (none: the ten digit "
-                                    "prompts)")
+                                    "prompts, for digits pipelines only)")
     feature_extractor: str | None = opt(None, f"features for FID/KID/IS/precision/recall: "
                                               f"{', '.join(fidelity.FEATURE_EXTRACTORS)} (none: digits-classifier for "
                                               "--reference digits, else inception-v3-compat)")
@@ -290,7 +306,9 @@ class BenchConfig:
             self.pipelines = [self.pipelines]
         require(len(self.pipelines) > 0, "give at least one pipeline folder")
         require(bool(self.output), "--output is required")
-        self.pipelines = [str(p) for p in self.pipelines if check_pipeline_folder(p) is not None]
+        names = [str(p) for p in self.pipelines]
+        self.pipelines = [local_pipeline(p, self.revision, self.variant, self.local_files_only, "pipeline folder")
+                          for p in names]
         self.steps = parse_steps(self.steps)
         self.guidance = parse_guidance(self.guidance)
         self.schedulers = parse_names(self.schedulers) or ["default"]
@@ -309,7 +327,14 @@ class BenchConfig:
         need = math.ceil(MIN_TAIL_REPLICATES / tail)
         require(self.bootstrap >= need, f"--bootstrap {self.bootstrap} is too few for {self.confidence:g} intervals: "
                                         f"need at least {need} (>= {MIN_TAIL_REPLICATES} replicates in each tail)")
-        self.reference = str(self.reference)
+        if self.reference is None or self.prompts is None:
+            other = next((n for p, n in zip(self.pipelines, names) if not is_digits_pipeline(p)), None)
+            missing = " and ".join(f for f, v in (("--reference", self.reference), ("--prompts", self.prompts))
+                                   if v is None)
+            require(other is None, f"{other} is not a digits pipeline (its {DIFFDISTILL_JSON} does not say "
+                                   f"\"{DATASET_KEY}\": \"{DIGITS_DATASET}\"): give {missing}, or it would be "
+                                   "scored against handwritten digits with digit prompts")
+        self.reference = str(self.reference or fidelity.DIGITS_REFERENCE)
         if self.reference != fidelity.DIGITS_REFERENCE:
             require(Path(self.reference).is_dir(),
                     f"--reference must be 'digits' or a folder of images, got {self.reference!r} (not a folder)")
@@ -343,7 +368,7 @@ class BenchConfig:
         require(dev.type == "cuda" or self.dtype == "float32", f"--dtype {self.dtype} needs --device cuda")
         self.labels = parse_names(self.labels) if isinstance(self.labels, str) else list(self.labels or [])
         if not self.labels:
-            self.labels = unique_labels(self.pipelines)
+            self.labels = unique_labels(names)
         require(len(self.labels) == len(self.pipelines),
                 f"give one label per pipeline: {len(self.labels)} labels for {len(self.pipelines)} pipelines")
         require(len(set(self.labels)) == len(self.labels), f"--labels values must differ, got {self.labels}")

@@ -19,7 +19,8 @@ import torch
 from diffdistill.errors import UserError
 from diffdistill.eval.config import SCHEDULERS, parse_scheduler_spec
 from diffdistill.images import save_grid as images_grid
-from diffdistill.loading import quiet_loading
+from diffdistill.loading import first_line, quiet_loading, refused_pickle
+from diffdistill.solvers import scheduler_from_config
 
 GRID_COLUMNS = 10  # one column per digit prompt
 GRID_ROWS = 10
@@ -31,19 +32,23 @@ GRID_MAX_CELL = 256
 # Measurement helpers
 # ----------------------------------------------------------------------------------------------------------
 
-def load_pipeline(folder: str, device: torch.device, dtype: torch.dtype):
-    """``DiffusionPipeline.from_pretrained(folder)`` moved to ``device``; load failures become UserErrors."""
+def load_pipeline(folder: str, device: torch.device, dtype: torch.dtype, variant: str = ""):
+    """``DiffusionPipeline.from_pretrained(folder, variant=...)`` moved to ``device``; load failures become UserErrors."""
     from diffusers import DiffusionPipeline
 
     # float32 is from_pretrained's default; only half precision needs the (renamed in 0.36+) dtype argument.
     kwargs = {} if dtype == torch.float32 else {"torch_dtype": dtype}
+    if variant:
+        kwargs["variant"] = variant
     try:
         with quiet_loading(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*torch_dtype.*is deprecated", category=FutureWarning)
             pipe = DiffusionPipeline.from_pretrained(folder, **kwargs)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise UserError(f"could not load a diffusers pipeline from {folder}: {type(e).__name__}: {first_line}") from None
+        refused = refused_pickle(e)
+        if refused:
+            raise UserError(f"could not load a diffusers pipeline from {folder}: {refused}") from None
+        raise UserError(f"could not load a diffusers pipeline from {folder}: {type(e).__name__}: {first_line(e)}") from None
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -80,7 +85,7 @@ def make_scheduler(spec: str, base_scheduler: Any):
     name, user_overrides = parse_scheduler_spec(spec)
     preset = SCHEDULERS[name]
     cls, overrides = (type(base_scheduler), {}) if preset is None else (getattr(diffusers, preset[0]), dict(preset[1]))
-    return cls.from_config(base_scheduler.config, **{**overrides, **user_overrides})
+    return scheduler_from_config(cls, base_scheduler.config, **{**overrides, **user_overrides})
 
 
 class CallCounter:

@@ -29,7 +29,7 @@ import torch
 from ..config import RunConfig, opt
 from ..denoiser import Denoiser, NoiseSchedule
 from ..errors import UserError, require
-from ..solvers import ddim_step, trailing_grid
+from ..solvers import ddim_step, scheduler_from_config, trailing_grid
 from ..students import GUIDANCE_EMBED_DIM, student_from_teacher
 from .base import DistillMethod
 from .guidance import GuidanceRangeOptions
@@ -248,8 +248,8 @@ class ProgressiveDistillation(DistillMethod):
     def export_scheduler(self, teacher_scheduler):
         from diffusers import EulerDiscreteScheduler
 
-        return EulerDiscreteScheduler.from_config(
-            teacher_scheduler.config, timestep_spacing="trailing", steps_offset=0, use_karras_sigmas=False,
+        return scheduler_from_config(
+            EulerDiscreteScheduler, teacher_scheduler.config, timestep_spacing="trailing", steps_offset=0, use_karras_sigmas=False,
             final_sigmas_type="zero", prediction_type=self.teacher.prediction_type, interpolation_type="linear")
 
     def card_details(self) -> dict:
