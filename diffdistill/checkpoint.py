@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .errors import UserError, require
+from .errors import UserError, first_line, require
 from .outputs import replace_dir
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -215,7 +215,7 @@ def read_checkpoint_file(f: Path, reader):
     try:
         return reader(f)
     except Exception as e:  # noqa: BLE001 - safetensors, pickle and JSON readers raise many types
-        raise UserError(f"checkpoint file {f} is unreadable: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+        raise UserError(f"checkpoint file {f} is unreadable: {first_line(e)}") from None
 
 
 def _read_json(f: Path):

@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .config import DataConfig
-from .errors import RunFailed, UserError, require
+from .errors import RunFailed, UserError, first_line, require
 
 # Image files the data loaders and the bench reference folders read; a tar sample takes the first one present.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -93,7 +93,7 @@ class DecodedImages(Dataset):
                 with self._open(j) as im:
                     item = {"pixel_values": _to_tensor(im, self.resolution), "prompt": self.captions[j]}
             except (OSError, SyntaxError, ValueError) as e:  # PIL's ways of saying the data is broken
-                skipped.append(f"{self.names[j]} ({_first_line(e)})")
+                skipped.append(f"{self.names[j]} ({first_line(e)})")
                 continue
             return {**item, "skipped": skipped} if skipped else item
         raise RunFailed(f"none of the {len(self)} images can be decoded; first: {skipped[0]}")
@@ -196,18 +196,13 @@ def _open_image(source):
     return Image.open(source)
 
 
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
 def unreadable_reason(open_image) -> str | None:
     """None if ``open_image()`` gives an image that passes PIL's ``verify``, else why not (one line)."""
     try:
         with open_image() as im:
             im.verify()
     except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, struct.error, ...
-        return _first_line(e)
+        return first_line(e)
     return None
 
 

@@ -26,6 +26,12 @@ class Terminated(BaseException):
         self.signum = signum
 
 
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its class name when it has none), for one-line errors."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def require(condition: bool, message: str) -> None:
     """Raise UserError(message) unless condition holds (never use assert for user input)."""
     if not condition:

@@ -8,7 +8,7 @@ import os
 import re
 from pathlib import Path
 
-from .errors import UserError, require
+from .errors import UserError, first_line, require
 
 
 def check_pipeline_folder(path: str | Path, what: str = "pipeline folder") -> dict:
@@ -43,11 +43,6 @@ def hub_kwargs(revision: str, local_files_only: bool) -> dict:
     """from_pretrained / download arguments for a hub id; HF_HUB_OFFLINE=1 counts as --local-files-only."""
     return {"revision": revision or None,
             "local_files_only": local_files_only or os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "")}
-
-
-def first_line(e: BaseException) -> str:
-    """The first line of an exception's message (its class name when it has none)."""
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 def refused_pickle(e: BaseException) -> str | None:

@@ -481,9 +481,9 @@ class Trainer:
                         loss, phase_logs = method.loss(phase, batch, self.step)
                     finite.append(torch.isfinite(loss.detach()).all())
                     acc.backward(loss / k if k > 1 else loss)
-                for key, v in phase_logs.items():
+                for key, v in phase_logs.items():  # the mean over micro-batches (a repeated phase: its last)
                     v = v / k if k > 1 else v
-                    logs[prefix + key] = logs[prefix + key] + v if (prefix + key) in logs and i else v
+                    logs[prefix + key] = logs.get(prefix + key, 0) + v if i else v
             if cfg.max_grad_norm > 0:
                 acc.clip_grad_norm_(method.parameters(phase), cfg.max_grad_norm)
             opt.step()

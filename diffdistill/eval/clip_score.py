@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from diffdistill.errors import UserError, require
+from diffdistill.errors import UserError, first_line, require
 
 _LOADED: dict[tuple[str, str], tuple] = {}
 
@@ -36,8 +36,7 @@ def load_clip(path: str | Path, device: torch.device):
             model = CLIPModel.from_pretrained(str(path), local_files_only=True).to(device).eval()
             processor = CLIPProcessor.from_pretrained(str(path), local_files_only=True)
         except (OSError, ValueError, KeyError, TypeError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UserError(f"--clip-model {path}: could not load a CLIP model ({first})") from None
+            raise UserError(f"--clip-model {path}: could not load a CLIP model ({first_line(e)})") from None
         _LOADED[key] = (model, processor)
     return _LOADED[key]
 

@@ -39,7 +39,7 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_featur
 
 from diffdistill.data import IMAGE_SUFFIXES
 from diffdistill.digits import digits_uint8, load_digits_8x8, load_digits_32
-from diffdistill.errors import UserError, require
+from diffdistill.errors import UserError, first_line, require
 from diffdistill.eval.digits_classifier import load_digits_classifier, resolve_classifier_files
 
 DIGITS_EXTRACTOR = "digits-classifier"
@@ -113,20 +113,17 @@ def load_inception_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         try:
             return load_file(str(path))
         except (SafetensorError, OSError) as e:
-            raise UserError(f"--inception-weights {path}: not a readable safetensors file ({_first_line(e)})") from None
+            raise UserError(f"--inception-weights {path}: not a readable safetensors file ({first_line(e)})") from None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError, TypeError) as e:
         raise UserError(f"--inception-weights {path}: not a plain tensor state dict; refusing to unpickle it "
-                        f"with arbitrary code ({type(e).__name__}: {_first_line(e)[:160]})") from None
+                        f"with arbitrary code ({type(e).__name__}: {first_line(e)[:160]})") from None
     require(isinstance(state, dict) and all(torch.is_tensor(v) for v in state.values()),
             f"--inception-weights {path}: expected a dict of tensors, got {type(state).__name__}")
     return state
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 class SafeInceptionV3(FeatureExtractorInceptionV3):

@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 
-from diffdistill.errors import UserError
+from diffdistill.errors import UserError, first_line
 from diffdistill.eval.config import SCHEDULERS, parse_scheduler_spec
 from diffdistill.images import save_grid as images_grid
-from diffdistill.loading import first_line, quiet_loading, refused_pickle
+from diffdistill.loading import quiet_loading, refused_pickle
 from diffdistill.solvers import scheduler_from_config
 
 GRID_COLUMNS = 10  # one column per digit prompt
