@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import RunConfig, opt
-from ..denoiser import TIMESTEP_SCALING, Denoiser, NoiseSchedule, consistency_output
+from ..denoiser import TIMESTEP_SCALING, Denoiser, NoiseSchedule, consistency_output, one_step_sample
 from ..errors import require, require_at_least
 from ..features import FeatureHead, FeatureTaps, frozen, unet_stage_modules
 from ..solvers import lcm_grid, lcm_scheduler
@@ -76,8 +76,7 @@ class OneStepUNetGenerator(DifferentiableGenerator):
         return consistency_output(x_t, x0, t, TIMESTEP_SCALING)
 
     def forward(self, noise: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        t = torch.full((noise.shape[0],), self.denoiser.schedule.num_train_timesteps - 1, device=noise.device)
-        return self.at(noise, t, cond)
+        return one_step_sample(self.denoiser, noise, cond)
 
 
 def student_timestep_grid(num_train_timesteps: int, n: int) -> torch.Tensor:
