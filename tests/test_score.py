@@ -132,6 +132,10 @@ def test_gan_losses():
     assert gan_head_loss(big, -big).item() < 1e-10  # confident and right
     assert gan_head_loss(torch.zeros(3), torch.zeros(3)).item() == pytest.approx(2 * torch.log(torch.tensor(2.0)).item())
     assert gan_generator_loss(big).item() < 1e-10 and gan_generator_loss(-big).item() == pytest.approx(30.0)
+    # at known logits: softplus(-1) + softplus(-1) for (real 1, fake -1); the generator's log(1 + e^-2) at 2
+    sp = torch.log1p(torch.exp(torch.tensor(-1.0))).item()
+    assert gan_head_loss(torch.tensor([1.0, 1.0]), torch.tensor([-1.0])).item() == pytest.approx(2 * sp)
+    assert gan_generator_loss(torch.tensor([2.0])).item() == pytest.approx(torch.log1p(torch.exp(torch.tensor(-2.0))).item())
 
 
 def _run(teacher, out, method, **kw):
@@ -187,8 +191,8 @@ def test_dmd_and_sds_take_only_their_own_options():
 def test_score_methods_reject_bad_runs(tiny_sd, tmp_path):
     from diffdistill.distill import run_distill
 
-    with pytest.raises(UserError, match="--steps must be 1"):
-        run_distill(_run(tiny_sd, tmp_path / "a", "dmd", steps=4))
+    with pytest.raises(UserError, match="--steps must be 1"):  # dmd takes more: backward simulation
+        run_distill(_run(tiny_sd, tmp_path / "a", "sds", steps=4))
     with pytest.raises(UserError, match="--t-max must be < 1000"):
         run_distill(_run(tiny_sd, tmp_path / "b", "dmd", t_max=1000))
     empty = tmp_path / "empty.txt"
@@ -267,3 +271,136 @@ def test_dmd2_gan_term_trains_the_head_and_leaves_the_critic_alone_in_the_genera
         assert any(not torch.equal(v, module.state_dict()[k]) for k, v in before[name].items()), name
     header = (tmp_path / "logs.csv").read_text().splitlines()[0]
     assert "generator/gan" in header and "fake_score/gan_head" in header
+
+
+def _ddpm_schedule():
+    from diffusers import DDPMScheduler
+
+    from diffdistill.denoiser import NoiseSchedule
+
+    return NoiseSchedule.from_scheduler(DDPMScheduler(num_train_timesteps=1000))
+
+
+def test_backward_simulation_with_an_exact_student_reproduces_the_forward_noised_input():
+    """A student that returns the true x0 makes each simulated input the data noised to t_k with that step's noise;
+    k = 0 is the pure noise itself, and only as many student calls are made as the largest k needs."""
+    from diffdistill.methods.score import backward_simulate, student_timestep_grid
+
+    schedule = _ddpm_schedule()
+    grid = student_timestep_grid(1000, 4)
+    assert grid.tolist() == [999, 749, 499, 249]
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(4, 2, 3, 3, generator=g), torch.randn(4, 2, 3, 3, generator=g)
+    renoise = [torch.randn(4, 2, 3, 3, generator=g) for _ in range(3)]
+    seen = []
+
+    def exact(x, t):
+        seen.append(t.tolist())
+        return x0
+
+    k = torch.tensor([0, 1, 2, 3])
+    out = backward_simulate(exact, noise, grid, k, schedule, renoise)
+    torch.testing.assert_close(out[0], noise[0], rtol=0, atol=0)
+    for i in (1, 2, 3):
+        want = schedule.add_noise(x0, renoise[i - 1], torch.full((4,), int(grid[i])))
+        torch.testing.assert_close(out[i], want[i])
+    assert seen == [[999] * 4, [749] * 4, [499] * 4]
+    seen.clear()
+    backward_simulate(exact, noise, grid, torch.tensor([0, 1, 1, 0]), schedule, renoise)
+    assert len(seen) == 1
+    assert not backward_simulate(exact, noise, grid, torch.zeros(4, dtype=torch.long), schedule).equal(x0)
+
+
+def test_backward_simulation_follows_the_exported_lcm_scheduler_step_for_step():
+    """The inputs the student is trained on are the states the exported LCMScheduler preset passes through when it
+    samples with the same model and the same noise: training and inference cannot drift apart."""
+    from diffusers import DDPMScheduler
+
+    from diffdistill.denoiser import TIMESTEP_SCALING, consistency_output, to_x0_eps
+    from diffdistill.methods.score import backward_simulate, student_timestep_grid
+    from diffdistill.solvers import lcm_scheduler
+
+    schedule = _ddpm_schedule()
+    n = 4
+    sched = lcm_scheduler(DDPMScheduler(num_train_timesteps=1000), n, TIMESTEP_SCALING, "epsilon")
+    sched.set_timesteps(n)
+    grid = student_timestep_grid(1000, n)
+    assert sched.timesteps.tolist() == grid.tolist()
+
+    def eps_model(x, t):  # any deterministic "network": epsilon prediction
+        return 0.3 * x + (t.float() / 1000)[:, None, None, None]
+
+    def student(x, t):
+        alpha, sigma = schedule.alpha_sigma(t, like=x)
+        x0, _ = to_x0_eps(eps_model(x, t), x, alpha, sigma, "epsilon")
+        return consistency_output(x, x0, t, TIMESTEP_SCALING).to(x.dtype)
+
+    noise = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    g = torch.Generator().manual_seed(7)
+    states, x = [noise], noise
+    for t in sched.timesteps[:-1]:
+        x = sched.step(eps_model(x, torch.full((2,), int(t))), t, x, generator=g).prev_sample
+        states.append(x)
+    g = torch.Generator().manual_seed(7)
+    renoise = [torch.randn(noise.shape, generator=g, dtype=torch.float64) for _ in range(n - 1)]
+    for k in range(n):
+        out = backward_simulate(student, noise, grid, torch.full((2,), k), schedule, renoise)
+        torch.testing.assert_close(out, states[k], rtol=1e-5, atol=1e-6)  # LCMScheduler's alphas are float32
+
+
+def test_ttur_steps_the_fake_score_fake_updates_times_per_generator_update(tiny_sd, tmp_path):
+    """Two time-scale: with --fake-updates 3 and 2 micro-batches, every optimiser step runs the fake score's phase
+    3 times (each over both micro-batches) before the generator's once; each optimiser counts its own updates."""
+    from diffdistill.data import build_dataset
+    from diffdistill.methods import get_method
+    from diffdistill.teachers import load_teacher
+    from diffdistill.trainer import Trainer
+
+    run = _run(tiny_sd, tmp_path, "dmd", fake_updates=3, max_train_steps=2, gradient_accumulation_steps=2,
+               batch_size=1)
+    spec = get_method("dmd")
+    method = spec.method_cls(spec.config_cls(**run.method_args), run)
+    assert method.phases == ("fake_score",) * 3 + ("generator",)
+    calls = []
+    loss = method.loss
+    method.loss = lambda phase, batch, step: (calls.append(phase), loss(phase, batch, step))[1]
+    trainer = Trainer(run, method, load_teacher(tiny_sd), tmp_path, build_dataset(run.data, 32))
+    trainer.fit()
+    per_step = ["fake_score"] * 6 + ["generator"] * 2
+    assert calls == per_step * 2
+    assert method.pool is None and method.extra_state() == {}  # no regression term: no pool at all
+    for phase, updates in (("fake_score", 6), ("generator", 2)):
+        states = trainer.optimizers[phase].state_dict()["state"].values()
+        assert {int(s["step"]) for s in states} == {updates}, phase
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(fake_updates=0), "--fake-updates must be >= 1"),
+    (dict(gan_weight=-1e-3), "--gan-weight must be >= 0"),
+])
+def test_dmd2_options_fail_in_one_line(kw, msg):
+    with pytest.raises(UserError, match=msg) as e:
+        DMDConfig(**kw)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.slow
+def test_dmd2_four_step_student_trains_by_backward_simulation_and_exports_four_steps(tiny_sd, tmp_path):
+    """The DMD2 recipe (no regression, TTUR, GAN head, --steps 4): the export is an LCMScheduler on the
+    student's timesteps that samples in 4 (or 2) UNet calls, and the checkpoint holds no regression pool."""
+    from diffusers import DiffusionPipeline
+
+    from diffdistill.distill import run_distill
+
+    summary = run_distill(_run(tiny_sd, tmp_path / "run", "dmd", steps=4, fake_updates=2,
+                               gan_weight=3e-3, checkpointing_steps=2))
+    assert not list((tmp_path / "run").rglob("method_state_*.safetensors"))
+    pipe = DiffusionPipeline.from_pretrained(summary["pipeline"])
+    pipe.set_progress_bar_config(disable=True)
+    assert type(pipe.scheduler).__name__ == "LCMScheduler" and pipe.scheduler.config.original_inference_steps == 4
+    calls: list[int] = []
+    pipe.unet.register_forward_pre_hook(lambda m, a: calls.append(int(a[1].reshape(-1)[0])))
+    for steps, want in ((4, [999, 749, 499, 249]), (2, [999, 499])):
+        calls.clear()
+        img = pipe("a handwritten digit 5", num_inference_steps=steps, guidance_scale=1.0, output_type="pt").images
+        assert calls == want and torch.isfinite(img).all()

@@ -57,8 +57,24 @@ def test_shipped_yaml_presets_resolve_with_their_guidance(preset, tmp_path, caps
     assert main(["distill", "--config", str(ROOT / preset), "--output", str(tmp_path / "run"), "--dry-run"]) == 0
     cfg = json.loads(capsys.readouterr().out)["config"]
     teacher = {"digits/add.yaml": 1.5, "digits/dmd.yaml": 1.5, "digits/sds.yaml": 2.0, "sd15/add.yaml": 7.5,
-               "sd15/dmd.yaml": 1.75}
+               "sd15/dmd.yaml": 1.75, **{f"digits/dmd2{v}.yaml": 1.5 for v in ("", "_4step", "_gpu", "_4step_gpu")}}
     export = {"digits/lcm.yaml": 1.5, "digits/progressive.yaml": 1.5, "sd15/lcm.yaml": 8.0, "sd15/progressive.yaml": 7.5}
     name = preset.removeprefix("train_scripts/")
     assert cfg["method_args"].get("teacher_guidance_scale") == teacher.get(name)
     assert cfg["export_guidance_scale"] == export.get(name, -1.0)
+
+
+@pytest.mark.parametrize("name,steps,gpu", [("dmd2", 1, False), ("dmd2_4step", 4, False), ("dmd2_gpu", 1, True),
+                                            ("dmd2_4step_gpu", 4, True)])
+def test_dmd2_presets_are_the_recipe_they_name(name, steps, gpu, tmp_path, capsys):
+    """DMD2: no regression term, two time-scale, the GAN head on; 4-step presets train by backward simulation
+    (--steps 4); the GPU presets are capped by wall time (4 minutes), the CPU ones within 30."""
+    from diffdistill.cli import main
+
+    assert main(["distill", "--config", str(ROOT / f"train_scripts/digits/{name}.yaml"), "--output",
+                 str(tmp_path / "run"), "--dry-run"]) == 0
+    cfg = json.loads(capsys.readouterr().out)["config"]
+    args = cfg["method_args"]
+    assert cfg["method"] == "dmd" and cfg["steps"] == steps
+    assert args["regression_weight"] == 0 and args["fake_updates"] > 1 and args["gan_weight"] > 0
+    assert cfg["train"]["max_train_minutes"] == (4.0 if gpu else 27)

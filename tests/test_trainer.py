@@ -64,6 +64,7 @@ RESUME_CASES = {
     "add": ("--method", "add", "--r1-weight", "0.01", *REG),
     "dmd": ("--method", "dmd", "--steps", "1", "--fake-updates", "2", "--gan-weight", "0.1", *REG,
             "--student-ema-decay", "0.9"),
+    "dmd2_4step": ("--method", "dmd", "--steps", "4", "--fake-updates", "2", "--gan-weight", "0.1"),  # simulation
     "sds": ("--method", "sds", "--steps", "1"),
     "progressive": ("--method", "progressive", "--start-steps", "8", "--guidance-iters", "2", "--iters-per-stage",
                     "3"),

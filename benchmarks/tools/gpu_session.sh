@@ -8,13 +8,7 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 out="${1:?usage: gpu_session.sh OUT}"
 mkdir -p "$out"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-nvidia-smi -L
-python3 -c "import torch, diffusers, transformers, accelerate, peft; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__, 'peft', peft.__version__)"
+source benchmarks/tools/gpu_env.sh
 timeout 300 python3 benchmarks/tools/host_sync.py --output "$out" --sd15 --repeats 2 2>&1 | grep -v "it/s\]" | tail -60
 PYTHON=python3 timeout 220 bash benchmarks/tools/gpu_smoke.sh /tmp/smoke 2>&1 | tr '\r' '\n' | grep -v "it/s\]" | tail -40
 cp /tmp/smoke/results.json "$out/smoke_results.json" 2>/dev/null || echo "no smoke results"

@@ -89,13 +89,15 @@ class RegressionPool:
 
 
 class RegressionPoolState:
-    """Mixin for a method holding a ``RegressionPool`` as ``self.pool``: the pool is its checkpointed extra state."""
+    """Mixin for a method holding a ``RegressionPool`` as ``self.pool`` (None when the regression term is off): the
+    pool is its checkpointed extra state."""
 
     def extra_state(self) -> dict[str, torch.Tensor]:
-        return self.pool.state_dict()
+        return {} if self.pool is None else self.pool.state_dict()
 
     def load_extra_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.pool.load_state_dict(tensors, self.teacher.unet.device)
+        if self.pool is not None:
+            self.pool.load_state_dict(tensors, self.teacher.unet.device)
 
 
 def regression_loss(x: torch.Tensor, target: torch.Tensor, per_element: bool = False) -> torch.Tensor:

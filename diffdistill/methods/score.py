@@ -10,6 +10,12 @@ on the generator's own samples, so the update is the difference of two scores,
 which moves the generator's distribution toward the teacher's instead of every sample toward a mode.
 The fake score network is trained with the usual denoising loss on detached generator samples, in its
 own optimiser phase of the shared trainer (DMD2 updates it more often than the generator).
+
+DMD2 (Yin et al. 2024, "Improved Distribution Matching Distillation") is a recipe of these options: no
+regression term, ``fake_updates`` > 1 (two time-scale), the GAN head on the fake score network's bottleneck
+(``gan_weight``), and for 2-4-step students (``--steps`` > 1) backward simulation (its sec. 4.5):
+the student is trained at the timesteps of its own schedule, and its input at t_k is what the student itself
+(no gradient) produces from pure noise through the earlier steps, exactly as the exported LCMScheduler samples.
 """
 
 from __future__ import annotations
@@ -21,10 +27,10 @@ import torch
 import torch.nn.functional as F
 
 from ..config import RunConfig, opt
-from ..denoiser import TIMESTEP_SCALING, Denoiser, one_step_sample
+from ..denoiser import TIMESTEP_SCALING, Denoiser, NoiseSchedule, consistency_output, one_step_sample
 from ..errors import require, require_at_least
 from ..features import FeatureHead, FeatureTaps, frozen, unet_stage_modules
-from ..solvers import lcm_scheduler
+from ..solvers import lcm_grid, lcm_scheduler
 from ..students import student_from_teacher
 from .base import DistillMethod
 from .guidance import TEACHER_GUIDANCE_RENAMED, teacher_guidance_option
@@ -56,15 +62,49 @@ class LatentGenerator(DifferentiableGenerator):
 
 
 class OneStepUNetGenerator(DifferentiableGenerator):
-    """A one-step student: pure noise at t = T - 1 -> latents, f = c_skip z + c_out x0_hat (denoiser.py)."""
+    """A few-step UNet student f(x_t, t) = c_skip x_t + c_out x0_hat (denoiser.py), the map the exported
+    LCMScheduler applies at each step; ``forward`` is its one-step use: pure noise at t = T - 1 -> latents."""
 
     def __init__(self, unet, schedule, prediction_type: str):
         super().__init__()
         self.unet = unet
         self.denoiser = Denoiser(unet, schedule, prediction_type)
 
+    def at(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """f(x_t, t): the student's clean sample from x_t at timesteps t (B,)."""
+        x0, _ = self.denoiser.x0_eps(x_t, t, cond)
+        return consistency_output(x_t, x0, t, TIMESTEP_SCALING)
+
     def forward(self, noise: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         return one_step_sample(self.denoiser, noise, cond)
+
+
+def student_timestep_grid(num_train_timesteps: int, n: int) -> torch.Tensor:
+    """The few-step student's timesteps, descending (4 of 1000: 999, 749, 499, 249): the grid LCMScheduler
+    samples with ``original_inference_steps = n`` (``solvers.lcm_grid``); n = 1 is the one-step T - 1."""
+    return lcm_grid(num_train_timesteps, n).flip(0)
+
+
+def backward_simulate(student_fn, noise: torch.Tensor, timesteps: torch.Tensor, k: torch.Tensor,
+                      schedule: NoiseSchedule, renoise: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """DMD2's backward simulation (Yin et al. 2024, sec. 4.5): the student's input at ``timesteps[k]`` per sample.
+
+    Starting from pure noise (B, C, h, w) at timesteps[0], each earlier step applies the student,
+    x0 = student_fn(x, t) (no gradient), and re-noises it to the next timestep with fresh noise,
+    x = alpha_s x0 + sigma_s eps (``NoiseSchedule.add_noise``), as LCMScheduler.step does at sampling. ``k`` (B,)
+    holds each sample's step index (0: the noise itself); ``renoise[i]`` is the noise of step i (default: fresh
+    Gaussian). Runs only as many student calls as the largest k needs."""
+    b = noise.shape[0]
+    k = torch.as_tensor(k, device=noise.device).reshape(b)
+    x, out = noise, noise
+    with torch.no_grad():
+        for i in range(int(k.max()) if b else 0):
+            t = torch.full((b,), int(timesteps[i]), device=noise.device)
+            x0 = student_fn(x, t)
+            eps = torch.randn_like(x0) if renoise is None else renoise[i]
+            x = schedule.add_noise(x0, eps, torch.full((b,), int(timesteps[i + 1]), device=noise.device))
+            out = torch.where((k == i + 1)[:, None, None, None], x, out)
+    return out
 
 
 def sds_weight(schedule, t: torch.Tensor, like: torch.Tensor, weighting: str) -> torch.Tensor:
@@ -116,7 +156,7 @@ class DMDConfig(ScoreConfig):
     """Options of distribution matching (``--method dmd``): the fake score network and DMD2's GAN head."""
 
     fake_learning_rate: float = opt(0.0, "learning rate of the fake score network (0: the generator's)")
-    fake_updates: int = opt(1, "fake-score updates per generator update (DMD2 uses 5)")
+    fake_updates: int = opt(1, "fake-score updates per generator update (two time-scale; DMD2 uses 5)")
     gan_weight: float = opt(0.0, "DMD2: weight of the generator's GAN loss, from a classifier head on the fake score "
                                  "network's mid-block features (0: off; needs images in the data)")
     gan_disc_weight: float = opt(0.01, "DMD2: weight of the head's real/fake classification loss in the fake score "
@@ -194,7 +234,8 @@ class ScoreDistillation(RegressionPoolState, DistillMethod):
 
     def __init__(self, cfg: SDSConfig | DMDConfig, run: RunConfig):
         super().__init__(cfg, run)
-        require(run.steps == 1, f"--method {self.name} trains a one-step generator: --steps must be 1, got {run.steps}")
+        if not self.use_fake_score:
+            require(run.steps == 1, f"--method {self.name} trains a one-step generator: --steps must be 1, got {run.steps}")
         self.phases = ("fake_score",) * cfg.fake_updates + ("generator",) if self.use_fake_score else ("generator",)
         self.fake = None
 
@@ -204,6 +245,7 @@ class ScoreDistillation(RegressionPoolState, DistillMethod):
     def validate(self, teacher) -> None:
         t_train = teacher.schedule.num_train_timesteps
         require(self.cfg.t_max < t_train, f"--t-max must be < {t_train} (the teacher's timesteps), got {self.cfg.t_max}")
+        require(self.run.steps <= t_train, f"--steps must be <= {t_train} (the teacher's timesteps), got {self.run.steps}")
 
     def setup(self, teacher) -> None:
         self.teacher = teacher
@@ -215,7 +257,11 @@ class ScoreDistillation(RegressionPoolState, DistillMethod):
             self.tap = FeatureTaps(unet_stage_modules(self.fake, ["mid"]), always=True)
             text_dim = teacher.pipe.text_encoder.config.hidden_size
             self.head = FeatureHead(self.fake.config.block_out_channels[-1], text_dim).to(teacher.unet.device)
-        self.pool = RegressionPool(self.cfg.regression_pairs, self.cfg.regression_batch_size)
+        self.grid = student_timestep_grid(teacher.schedule.num_train_timesteps, self.run.steps).to(
+            teacher.unet.device)
+        # no regression term, no pool (DMD2): nothing is computed, held or checkpointed for it
+        self.pool = (RegressionPool(self.cfg.regression_pairs, self.cfg.regression_batch_size)
+                     if self.cfg.regression_weight > 0 else None)
 
     def trainable_modules(self):
         mods = {"generator": self.student}
@@ -253,6 +299,16 @@ class ScoreDistillation(RegressionPoolState, DistillMethod):
     def _generator(self) -> OneStepUNetGenerator:
         return OneStepUNetGenerator(self.student, self.teacher.schedule, self.teacher.prediction_type)
 
+    def _student_inputs(self, noise: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x_{t_k}, t_k): each sample's input and timestep, k uniform over the student's timesteps, the input
+        by backward simulation from ``noise`` (one step: the noise at T - 1)."""
+        n = self.grid.shape[0]  # one step: no draw, so a one-step run's random stream is as before
+        k = (torch.randint(0, n, (noise.shape[0],), device=noise.device) if n > 1
+             else torch.zeros(noise.shape[0], dtype=torch.long, device=noise.device))
+        gen = self._generator()
+        x_in = backward_simulate(lambda x, t: gen.at(x, t, cond), noise, self.grid, k, self.teacher.schedule)
+        return x_in, self.grid[k]
+
     def loss(self, phase: str, batch: dict, step: int):
         device = self.teacher.unet.device
         cond, uncond = self.teacher.encode_prompts(batch["prompt"], device), self.teacher.encode_prompts([""], device)
@@ -261,9 +317,10 @@ class ScoreDistillation(RegressionPoolState, DistillMethod):
         progress = step / max(self.run.train.max_train_steps - 1, 1)
         t = sample_timesteps(self.cfg, b, progress, cond.device)
         teacher = self.teacher.denoiser()
+        x_in, t_in = self._student_inputs(noise, cond)
         if phase == "fake_score":
             with torch.no_grad():
-                samples = self._generator()(noise, cond)
+                samples = self._generator().at(x_in, t_in, cond)
             fake = Denoiser(self.fake, self.teacher.schedule, self.teacher.prediction_type)
             if self.head is None:
                 loss = fake_score_loss(fake, samples, cond, t)
@@ -274,10 +331,12 @@ class ScoreDistillation(RegressionPoolState, DistillMethod):
         if self.cfg.regression_weight > 0:
             reg = self.pool.top_up_and_sample(self.teacher, cond, uncond, self.cfg.teacher_guidance_scale,
                                               self.cfg.regression_steps, self.cfg.regression_batch_size)
-            x_all = self._generator()(torch.cat([noise, reg[0]]), torch.cat([cond, reg[1]]))
+            # the pairs start from pure noise: the student's first (top) timestep
+            top = self.grid[:1].expand(reg[0].shape[0])
+            x_all = self._generator().at(torch.cat([x_in, reg[0]]), torch.cat([t_in, top]), torch.cat([cond, reg[1]]))
             x, x_reg = x_all[:b], x_all[b:]
         else:
-            x = self._generator()(noise, cond)
+            x = self._generator().at(x_in, t_in, cond)
         gan = None
         if self.use_fake_score:
             fake_net = self.unwrap(self.fake)
@@ -331,16 +390,20 @@ class ScoreDistillation(RegressionPoolState, DistillMethod):
         return fake_x0, gan
 
     def max_sampling_steps(self) -> int:
-        return 1
+        return self.run.steps
 
     def export_scheduler(self, teacher_scheduler):
-        # One step from t = T - 1 with the same boundary scalings as OneStepUNetGenerator.
-        return lcm_scheduler(teacher_scheduler, 1, TIMESTEP_SCALING, self.teacher.prediction_type)
+        # The student's timesteps (one: t = T - 1) with the same boundary scalings as OneStepUNetGenerator.at;
+        # LCMScheduler re-noises between steps with fresh noise, as backward_simulate does in training.
+        return lcm_scheduler(teacher_scheduler, self.run.steps, TIMESTEP_SCALING, self.teacher.prediction_type)
 
     def card_details(self) -> dict:
         c = self.cfg
-        d = {"generator": "one-step UNet student (t = T-1 -> x0), LCMScheduler preset with 1 step",
-             "teacher guidance": c.teacher_guidance_scale, "timesteps": f"[{c.t_min}, {c.t_max}]"}
+        n = self.run.steps
+        generator = ("one-step UNet student (t = T-1 -> x0), LCMScheduler preset with 1 step" if n == 1 else
+                     f"{n}-step UNet student at timesteps {', '.join(str(int(t)) for t in self.grid)}, trained on "
+                     f"its own samples (DMD2 backward simulation), LCMScheduler preset with up to {n} steps")
+        d = {"generator": generator, "teacher guidance": c.teacher_guidance_scale, "timesteps": f"[{c.t_min}, {c.t_max}]"}
         if self.use_fake_score:
             d["update"] = f"distribution matching, fake score updated {c.fake_updates}x per generator step"
             if c.gan_weight:
