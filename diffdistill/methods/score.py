@@ -360,3 +360,8 @@ class DistributionMatchingDistillation(ScoreDistillation):
     name = "dmd"
     use_fake_score = True
 
+    def sharding_problem(self) -> str | None:
+        if self.cfg.gan_weight > 0:  # its generator loss switches the critic's requires_grad mid-step (``frozen``)
+            return "DMD2's GAN head (--gan-weight > 0) is not supported under FSDP yet; use DDP (--sharding none)"
+        return None
+
