@@ -110,13 +110,10 @@ def run_distill(run: RunConfig, dry_run: bool = False) -> dict:
     if dry_run:
         return {"config": resolved}
 
+    for kind in ("DEEPSPEED", "MEGATRON_LM"):  # asked for (checked before accelerate fails on a missing package)
+        require(not asked_of_accelerate(kind), f"accelerate is configured for {kind}, which diffdistill does not "
+                                               "support; use DDP, or FSDP (--sharding fsdp2)")
     accelerator = make_accelerator(run.train)
-    kind = str(getattr(accelerator.distributed_type, "value", accelerator.distributed_type))
-    for name in ("DEEPSPEED", "MEGATRON_LM"):  # asked for, even where accelerate falls back (CPU: DDP)
-        kind = name if asked_of_accelerate(name) else kind
-    require(kind not in ("DEEPSPEED", "MEGATRON_LM"),
-            f"accelerate is configured for {kind}, which diffdistill does not support; use DDP, or FSDP "
-            "(--sharding fsdp2)")
     require(run.train.sharding != "fsdp2" or accelerator.num_processes > 1,
             "--sharding fsdp2 shards across processes: start it with accelerate launch --num_processes N (N > 1)")
     require(not (run.train.mixed_precision == "fp16" and accelerator.device.type == "cpu"),
