@@ -1,7 +1,7 @@
 """FSDP2 for real: two CPU processes (gloo) under ``accelerate launch --use_fsdp``, for lcm and dmd.
 
-Each test starts one launch (``fsdp_worker.py``) that runs an uninterrupted run, a run stopped at half way and
-its resume, then checks: the checkpoints are sharded (every rank's own shard of every weight, optimiser moment
+Each test starts one launch (``fsdp_worker.py``) that runs an uninterrupted run and then resumes a copy of it cut
+back to its half-way checkpoint, then checks: the checkpoints are sharded (every rank's own shard of every weight, optimiser moment
 and EMA), the resumed run's final checkpoint equals the uninterrupted run's bit for bit (same shards, same
 reduction order: gloo's sums are deterministic), and the export holds exactly the full weights gathered from
 the shards and loads with plain ``DiffusionPipeline.from_pretrained``.
@@ -9,6 +9,7 @@ the shards and loads with plain ``DiffusionPipeline.from_pretrained``.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -24,8 +25,8 @@ TINY = ["--batch-size", "2", "--checkpointing-steps", "2", "--checkpoints-total-
         "--benchmark-samples", "0", "--lr-warmup-steps", "0", "--learning-rate", "1e-3", "--log-every", "1"]
 
 
-def _launch(teacher: str, root: Path, port: int, *method_args: str) -> None:
-    """The three runs of ``fsdp_worker.py`` on 2 gloo processes; ``accelerate launch --use_fsdp`` (accelerate
+def _launch(teacher: str, root: Path, port: int, *method_args: str) -> str:
+    """The two runs of ``fsdp_worker.py`` on 2 gloo processes; ``accelerate launch --use_fsdp`` (accelerate
     itself falls back to DDP on CPU: diffdistill's own FSDP2 path is what the flag selects, as on GPUs)."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp", "--fsdp_version", "2",
            "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
@@ -34,6 +35,7 @@ def _launch(teacher: str, root: Path, port: int, *method_args: str) -> None:
            "PYTHONPATH": str(Path(__file__).parents[1])}
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stderr[-4000:]
+    return r.stdout + r.stderr
 
 
 def _gathered(ckpt: Path, stem: str) -> dict[str, torch.Tensor]:
@@ -64,9 +66,10 @@ def _check_sharded(ckpt: Path, modules: list[str]) -> None:
             assert (r0[k].shape[0], r1[k].shape[0]) == ((rows + 1) // 2, rows // 2), k
 
 
-def _check_resume_exact(root: Path) -> None:
-    """The resumed run's checkpoint-4 equals the uninterrupted run's: every shard file of weights, EMA,
+def _check_resume_exact(root: Path, output: str) -> None:
+    """The resumed run started at step 2 (it did not train anew) and its checkpoint-4 equals the uninterrupted run's: every shard file of weights, EMA,
     optimiser moments and method state, tensor for tensor, bit for bit; the LR schedules too."""
+    assert f"resumed from {root / 'res' / 'checkpoints' / 'checkpoint-2'} at step 2" in output
     ref, res = root / "ref" / "checkpoints" / "checkpoint-4", root / "res" / "checkpoints" / "checkpoint-4"
     names = sorted(p.name for p in ref.iterdir() if p.name != "trainer_state.json" and not p.name.startswith("rng"))
     assert names == sorted(p.name for p in res.iterdir() if p.name != "trainer_state.json"
@@ -83,7 +86,8 @@ def _check_resume_exact(root: Path) -> None:
         else:
             assert json.loads((ref / name).read_text()) == json.loads((res / name).read_text()), name
     resumed = json.loads((root / "res" / "summary.json").read_text())
-    assert resumed["train_steps"] == 4
+    assert resumed["train_steps"] == 4 and (root / "res" / "pipeline" / "model_index.json").is_file()
+    assert [int(r["step"]) for r in csv.DictReader((root / "res" / "logs.csv").open())] == [1, 2, 3, 4]
     assert resumed["rank_weight_sha256"] == json.loads((root / "ref" / "summary.json").read_text())["rank_weight_sha256"]
 
 
@@ -116,11 +120,11 @@ def test_fsdp_lcm_two_processes_shard_resume_exactly_and_export_full_weights(tin
     """lcm, full UNet with a guidance embedding: the student and its EMA target network sharded; the export is
     the target network (no student EMA), gathered whole, and ``diffdistill export`` of the sharded checkpoint
     (one process, reading every rank's shard) writes the same weights."""
-    _launch(tiny_sd, tmp_path, 29521, "--method", "lcm", "--num-ddim-timesteps", "10", "--w-min", "1", "--w-max", "2",
-            "--steps", "2")
+    output = _launch(tiny_sd, tmp_path, 29521, "--method", "lcm", "--num-ddim-timesteps", "10", "--w-min", "1",
+                     "--w-max", "2", "--steps", "2")
     ckpt = tmp_path / "ref" / "checkpoints" / "checkpoint-4"
     _check_sharded(ckpt, ["student", "target"])
-    _check_resume_exact(tmp_path)
+    _check_resume_exact(tmp_path, output)
     target, student = _gathered(ckpt, "model_target"), _gathered(ckpt, "model_student")
     assert not all(torch.equal(target[k], student[k]) for k in target)  # the EMA target lags the student
     exported = _exported_unet(tmp_path / "ref")
@@ -140,12 +144,12 @@ def test_fsdp_lcm_two_processes_shard_resume_exactly_and_export_full_weights(tin
 def test_fsdp_dmd_two_processes_shard_resume_exactly_and_export_full_weights(tiny_sd, tmp_path):
     """dmd with two fake-score updates per step and a student EMA: generator, fake score network and EMA
     sharded; the export is the student EMA, gathered whole."""
-    _launch(tiny_sd, tmp_path, 29523, "--method", "dmd", "--steps", "1", "--fake-updates", "2",
-            "--student-ema-decay", "0.9")
+    output = _launch(tiny_sd, tmp_path, 29523, "--method", "dmd", "--steps", "1", "--fake-updates", "2",
+                     "--student-ema-decay", "0.9")
     ckpt = tmp_path / "ref" / "checkpoints" / "checkpoint-4"
     _check_sharded(ckpt, ["student", "fake_score"])
     assert (ckpt / "ema.rank0.safetensors").is_file() and (ckpt / "ema.rank1.safetensors").is_file()
-    _check_resume_exact(tmp_path)
+    _check_resume_exact(tmp_path, output)
     from diffusers import UNet2DConditionModel
 
     # The EMA holds the student's trainable weights in parameter order: the teacher's UNet names them.
@@ -157,3 +161,25 @@ def test_fsdp_dmd_two_processes_shard_resume_exactly_and_export_full_weights(tin
     student = _gathered(ckpt, "model_student")
     assert not all(torch.equal(exported[n], student[n]) for n in names)  # the EMA, not the raw student
     _loads_and_samples(tmp_path / "ref" / "pipeline", 1)
+
+
+@pytest.mark.parametrize("args, message", [
+    ({"mixed_precision": "fp16"}, "fp16's loss scaling"),
+    ({"torch_compile": True}, "--torch-compile is not supported"),
+    ({"sharding": "fsdp1"}, "--sharding must be one of none, fsdp2"),
+    ({"method": "lcm", "lora_rank": 4, "ema_decay": 0.0}, "a LoRA student is not supported under FSDP"),
+    ({"method": "add"}, "--method add is not supported under FSDP yet"),
+    ({"method": "dmd", "steps": 1, "gan_weight": 0.1}, "DMD2's GAN head (--gan-weight > 0) is not supported"),
+    ({"method": "lcm"}, "start it with accelerate launch --num_processes N (N > 1)"),  # one process: nothing to shard
+])
+def test_fsdp_refusals_are_one_line_and_write_nothing(tiny_sd, tmp_path, args, message):
+    """What --sharding fsdp2 does not support (yet) is refused with one line before the run folder is made."""
+    from diffdistill.config import build_run_config
+    from diffdistill.distill import run_distill
+    from diffdistill.errors import UserError
+
+    out = tmp_path / "run"
+    with pytest.raises(UserError) as e:
+        run_distill(build_run_config({}, {"teacher": tiny_sd, "output": str(out), "sharding": "fsdp2", **args}))
+    assert message in str(e.value) and "\n" not in str(e.value)
+    assert not out.exists()
