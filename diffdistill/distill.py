@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import new_run_id, resolve_resume
+from .checkpoint import new_run_id, require_sharding, resolve_resume
 from .config import RunConfig, require_adam_step_fits, save_yaml, to_dict
 from .data import build_dataset, holds_images, require_images
 from .errors import require
@@ -129,7 +129,9 @@ def run_distill(run: RunConfig, dry_run: bool = False) -> dict:
     require(len(dataset) > 0, f"--dataset {run.data.dataset}: no examples")
     if method.needs_images() is not None:
         require_images(holds_images(dataset), method.needs_images())
-    resolve_resume(run.train.resume_from_checkpoint, out / "checkpoints", run_id, warn=None)
+    resume = resolve_resume(run.train.resume_from_checkpoint, out / "checkpoints", run_id, warn=None)
+    if resume is not None:  # a sharded checkpoint resumes only as it was written (checked before any write)
+        require_sharding(resume, accelerator.num_processes if run.train.sharding == "fsdp2" else 0)
 
     # Input is valid: from here on the output folder is written.
     lock = claim_run_folder(out, run) if accelerator.is_main_process else None

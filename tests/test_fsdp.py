@@ -161,6 +161,14 @@ def test_fsdp_dmd_two_processes_shard_resume_exactly_and_export_full_weights(tin
     student = _gathered(ckpt, "model_student")
     assert not all(torch.equal(exported[n], student[n]) for n in names)  # the EMA, not the raw student
     _loads_and_samples(tmp_path / "ref" / "pipeline", 1)
+    assert (tmp_path / "ref" / "samples" / "final.png").is_file()  # the grid: sampled whole on rank 0
+
+    from diffdistill.cli import main
+
+    # One process, the student EMA put together from both ranks' shards: the same export.
+    assert main(["export", str(tmp_path / "ref"), "--checkpoint", "latest", "--output", str(tmp_path / "again")]) == 0
+    again = load_file(str(tmp_path / "again" / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert again.keys() == exported.keys() and all(torch.equal(again[k], exported[k]) for k in again)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -183,3 +191,25 @@ def test_fsdp_refusals_are_one_line_and_write_nothing(tiny_sd, tmp_path, args, m
         run_distill(build_run_config({}, {"teacher": tiny_sd, "output": str(out), "sharding": "fsdp2", **args}))
     assert message in str(e.value) and "\n" not in str(e.value)
     assert not out.exists()
+
+
+def test_a_sharded_checkpoint_resumes_only_as_it_was_written(tmp_path):
+    """A checkpoint sharded over 2 ranks is refused (one line, naming both) by a run without sharding or on
+    another number of ranks; a whole one by a sharded run."""
+    from diffdistill.checkpoint import require_sharding
+    from diffdistill.errors import UserError
+
+    ckpt = tmp_path / "checkpoint-2"
+    ckpt.mkdir()
+    state = {"step": 2, "batches_seen": 2, "method": "lcm", "run_id": "r", "files": {}, "num_processes": 2,
+             "modules": {"student": {"partial": False, "shards": 2}, "target": {"partial": False, "shards": 2}}}
+    (ckpt / "trainer_state.json").write_text(json.dumps(state))
+    require_sharding(ckpt, 2)
+    for shards, now in ((0, "no sharding"), (4, "--sharding fsdp2 on 4 processes")):
+        with pytest.raises(UserError, match=f"sharded over 2 processes .*this run has {now}"):
+            require_sharding(ckpt, shards)
+    state["modules"] = {"student": {"partial": False}}
+    (ckpt / "trainer_state.json").write_text(json.dumps(state))
+    require_sharding(ckpt, 0)
+    with pytest.raises(UserError, match="written whole"):
+        require_sharding(ckpt, 2)

@@ -324,7 +324,7 @@ class ScoreDistillation(RegressionPoolState, DistillMethod):
 
         The critic's parameters are switched off while its graph is built, so the generator's backward
         leaves no gradients on them (and the DDP wrappers are bypassed)."""
-        head = getattr(self.head, "module", self.head)
+        head = self.unwrap(self.head)
         with frozen(fake.unet, head):
             fake_x0, _ = fake.x0_eps(x_t, t, cond)
             gan = gan_generator_loss(head(self.tap.features["mid"], cond.mean(1)))
