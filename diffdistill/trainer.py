@@ -294,7 +294,8 @@ class Trainer:
         acc.wait_for_everyone()
         save_rng_state(tmp, acc.process_index)
         save_method_state(tmp, acc.process_index, self.method.extra_state())
-        if self.sharded:  # every rank writes its own shards
+        if self.sharded:  # every rank writes its own shards (of the sharded parameters: resharded first)
+            reshard(self.sharded_modules)
             save_shards(tmp, acc.process_index, self.method.state_modules(), self.optimizers, self.ema)
         acc.wait_for_everyone()
         if acc.is_main_process:

@@ -3,11 +3,13 @@
 Two ``diffdistill distill`` runs in one launch (one start-up of the process group instead of two): ``ref``,
 uninterrupted to ``--max-train-steps``; then ``res``, a copy of ``ref`` as a run killed right after its
 half-way checkpoint would have left it (the later checkpoints, export and summary gone), resumed with
-``latest`` to the end. Usage: fsdp_worker.py TEACHER ROOT STEPS -- DISTILL_ARGS
+``latest`` to the end; with ``--ddp-too``, then ``ddp``: the same run under DDP (``--sharding none``).
+Usage: fsdp_worker.py TEACHER ROOT STEPS {--|--ddp-too} DISTILL_ARGS
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -38,4 +40,8 @@ if __name__ == "__main__":
         shutil.copytree(root / "ref", root / "res")
         cut_after(root / "res", int(steps) // 2)
     dist.barrier()
-    sys.exit(main([*args, "--output", str(root / "res"), "--resume-from-checkpoint", "latest"]))
+    code = main([*args, "--output", str(root / "res"), "--resume-from-checkpoint", "latest"])
+    if code or "--ddp-too" not in sys.argv[4:5]:
+        sys.exit(code)
+    os.environ.pop("ACCELERATE_USE_FSDP")  # the same run under DDP (accelerate's CPU fallback for the launch)
+    sys.exit(main([*args, "--output", str(root / "ddp")]))
