@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -114,6 +115,10 @@ def run_distill(run: RunConfig, dry_run: bool = False) -> dict:
         require(not asked_of_accelerate(kind), f"accelerate is configured for {kind}, which diffdistill does not "
                                                "support; use DDP, or FSDP (--sharding fsdp2)")
     accelerator = make_accelerator(run.train)
+    if asked_of_accelerate("FSDP") and accelerator.is_main_process:
+        print("[diffdistill] accelerate selected FSDP: diffdistill shards with its own FSDP2 path (--sharding fsdp2; "
+              "per-block fully_shard, teacher whole on every rank); accelerate's other FSDP options are not used",
+              file=sys.stderr, flush=True)
     require(run.train.sharding != "fsdp2" or accelerator.num_processes > 1,
             "--sharding fsdp2 shards across processes: start it with accelerate launch --num_processes N (N > 1)")
     require(not (run.train.mixed_precision == "fp16" and accelerator.device.type == "cpu"),

@@ -5,6 +5,9 @@ The trainer owns: devices, mixed precision and process groups (accelerate), Adam
 student (diffusers ``EMAModel``), deterministic per-rank data order, atomic and exactly-resumable
 checkpoints (their on-disk format lives in ``checkpoint.py``), validation
 grids, CSV/TensorBoard logs, a progress bar, non-finite-loss and SIGINT/SIGTERM handling.
+Multi-process runs are DDP (accelerate's ``prepare``), or under ``--sharding fsdp2`` FSDP2 applied by the trainer
+itself (``sharding.py``): sharded optimisers and EMAs, sharded checkpoints, full weights gathered to rank 0 for
+grids and the export (``full_weights``).
 The maths lives in the method (``diffdistill.methods``), reached only through its narrow hooks.
 """
 
