@@ -557,7 +557,10 @@ class Trainer:
             opt.step()
             opt.zero_grad(set_to_none=True)
             reshard(self.sharded_modules)  # e.g. LCM's target after its no-grad forward, before its EMA update
-        if not bool(torch.stack(finite).all()):  # the one host synchronisation of the step
+        finite = torch.stack(finite).all()
+        if self.sharded:  # every rank stops together (one alone would leave the others waiting in a collective)
+            finite = min_over_ranks(finite.float()) > 0
+        if not bool(finite):  # the one host synchronisation of the step
             bad = sorted(key for key, v in logs.items() if not torch.isfinite(torch.as_tensor(v)).all())
             raise NonFiniteError(f"non-finite loss at step {self.step + 1} (term {', '.join(bad) or 'loss'}); this "
                                  f"step's update was not saved{self._last_good_note()}")
