@@ -11,6 +11,11 @@ A checkpoint folder ``checkpoint-<step>`` holds
 * ``rng_<rank>.safetensors``         every rank's torch RNG states
 * ``method_state_<rank>.safetensors`` every rank's method state that no module holds (``extra_state``: DMD's
                                     and ADD's regression pool), when there is any
+* under ``--sharding fsdp2`` the weights, optimiser moments and student EMA are sharded instead: every rank
+  writes its own shard, ``model_<name>.rank<r>.safetensors``, ``optimizer_<phase>.rank<r>.pt`` and
+  ``ema.rank<r>.safetensors``, and rank 0 a JSON index per file group (``model_<name>.index.json``,
+  ``ema.index.json``: every tensor's global shape and the dimension it is sharded on), from which a single
+  process gathers full weights (``diffdistill export``); a resume reads each rank's own shard back
 * ``trainer_state.json``             written last: step, data position, method, module metadata, the run id
                                     of the run folder that wrote it and the size of every other file
 
@@ -33,6 +38,7 @@ from safetensors.torch import load_file, save_file
 
 from .errors import UserError, first_line, require
 from .outputs import replace_dir
+from .sharding import like_param, local, shard_dim
 
 CHECKPOINT_PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"
@@ -92,10 +98,19 @@ def checkpoint_problem(path: Path, run_id: str | None) -> str | None:
                 json.loads(f.read_text())
             except ValueError:
                 return f"{f} is not valid JSON"
-    for name in state["modules"]:
-        if f"model_{name}.safetensors" not in files:
-            return f"{path / f'model_{name}.safetensors'} is missing"
+    for name, meta in state["modules"].items():
+        for f in module_files(name, meta):
+            if f not in files:
+                return f"{path / f} is missing"
     return None
+
+
+def module_files(name: str, meta: dict) -> list[str]:
+    """The files a checkpoint holds for state module ``name`` (one, or one per rank and an index when sharded)."""
+    shards = meta.get("shards", 0)
+    if not shards:
+        return [f"model_{name}.safetensors"]
+    return [shard_file(f"model_{name}", r) for r in range(shards)] + [f"model_{name}{SHARD_INDEX}"]
 
 
 def _stderr(message: str) -> None:
@@ -181,6 +196,76 @@ def load_method_state(path: Path, rank: int) -> dict[str, torch.Tensor]:
     return read_checkpoint_file(f, lambda f: load_file(str(f))) if f.is_file() else {}
 
 
+SHARD_INDEX = ".index.json"
+
+
+def shard_file(stem: str, rank: int) -> str:
+    """The file of rank ``rank``'s shards of the tensor group ``stem`` (``model_student``, ``ema``)."""
+    return f"{stem}.rank{rank}.safetensors"
+
+
+def save_local_shards(folder: Path, stem: str, rank: int, tensors: dict[str, torch.Tensor]) -> None:
+    """Write this rank's part of ``tensors`` (a DTensor's local shard, a plain tensor whole) as
+    ``<stem>.rank<r>.safetensors``; rank 0 also writes ``<stem>.index.json`` (key -> global shape, sharded dim)."""
+    save_file({k: local(v).detach().contiguous().cpu() for k, v in tensors.items()}, str(folder / shard_file(stem, rank)))
+    if rank == 0:
+        index = {k: {"shape": list(v.shape), "shard_dim": shard_dim(v)} for k, v in tensors.items()}
+        (folder / f"{stem}{SHARD_INDEX}").write_text(json.dumps(index))
+
+
+def read_full_shards(path: Path, stem: str, shards: int) -> dict[str, torch.Tensor]:
+    """The whole tensors of group ``stem`` of a sharded checkpoint: every rank's shard concatenated, in rank
+    order, on the dimension the index names (FSDP2 splits a tensor like ``torch.chunk``)."""
+    index = read_checkpoint_file(path / f"{stem}{SHARD_INDEX}", _read_json)
+    parts = [read_checkpoint_file(path / shard_file(stem, r), lambda f: load_file(str(f))) for r in range(shards)]
+    full = {}
+    for key, info in index.items():
+        d = info["shard_dim"]
+        full[key] = parts[0][key] if d is None else torch.cat([p[key] for p in parts], d)
+        require(list(full[key].shape) == info["shape"],
+                f"checkpoint {path}: the shards of {stem} {key} make {list(full[key].shape)}, not {info['shape']}")
+    return full
+
+
+def load_local_shards(path: Path, stem: str, rank: int, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy rank ``rank``'s shards of group ``stem`` into ``tensors`` (their local shards, in place)."""
+    f = path / shard_file(stem, rank)
+    saved = read_checkpoint_file(f, lambda f: load_file(str(f)))
+    require(saved.keys() == tensors.keys(), f"checkpoint {path}: {f.name} holds other tensors than this run's "
+                                            f"{stem} ({sorted(saved.keys() ^ tensors.keys())[:3]})")
+    with torch.no_grad():
+        for k, t in tensors.items():
+            local(t).copy_(saved[k])
+
+
+def save_shards(folder: Path, rank: int, modules: dict[str, torch.nn.Module], optimizers: dict, ema=None) -> None:
+    """Write this rank's shards of every FSDP module, optimiser and the student EMA into ``folder``."""
+    for name, module in modules.items():
+        save_local_shards(folder, f"model_{name}", rank, module.state_dict())
+    for phase, opt in optimizers.items():
+        sd = opt.state_dict()
+        sd["state"] = {i: {k: local(v).detach().cpu() if torch.is_tensor(v) else v for k, v in st.items()}
+                       for i, st in sd["state"].items()}
+        torch.save(sd, folder / f"optimizer_{phase}.rank{rank}.pt")
+    if ema is not None:
+        save_local_shards(folder, "ema", rank, {f"shadow_{i}": p for i, p in enumerate(ema.shadow_params)})
+
+
+def checkpoint_shards(state: dict) -> int:
+    """Over how many ranks a checkpoint's weights are sharded (0: whole, not sharded)."""
+    return max([m.get("shards", 0) for m in state["modules"].values()], default=0)
+
+
+def require_sharding(path: Path, shards: int) -> None:
+    """A resume reads checkpoint ``path`` back only as it was written: whole (``shards`` 0), or sharded over as
+    many ranks as this run has (one-line UserError otherwise)."""
+    written = checkpoint_shards(read_trainer_state(path))
+    if written != shards:
+        how = f"sharded over {written} processes (--sharding fsdp2)" if written else "whole (not sharded)"
+        now = f"--sharding fsdp2 on {shards} processes" if shards else "no sharding"
+        raise UserError(f"checkpoint {path} was written {how}; this run has {now}: resume it as it was written")
+
+
 def save_ema_weights(params: list[torch.Tensor], file: Path) -> None:
     """Write student-EMA weights as a checkpoint's ``ema.safetensors`` (the layout ``load_ema_into`` reads)."""
     save_file({f"shadow_{i}": p.detach().cpu().contiguous() for i, p in enumerate(params)}, str(file))
@@ -188,20 +273,26 @@ def save_ema_weights(params: list[torch.Tensor], file: Path) -> None:
 
 def write_checkpoint(tmp: Path, final: Path, *, step: int, batches_seen: int, method: str, num_processes: int,
                      run_id: str, modules: dict[str, torch.nn.Module], optimizers: dict, lr_schedulers: dict,
-                     ema=None) -> None:
+                     ema=None, shards: int = 0) -> None:
     """Write the main process's part of a checkpoint into ``tmp`` (unwrapped ``modules``, optimisers and LR
-    schedules per phase, a diffusers ``EMAModel`` or None), ``trainer_state.json`` last, then rename to ``final``."""
+    schedules per phase, a diffusers ``EMAModel`` or None), ``trainer_state.json`` last, then rename to ``final``.
+    ``shards`` > 0: every rank already wrote its shards of the weights, moments and EMA (``save_shards``)."""
     meta = {}
     for name, module in modules.items():
+        if shards:
+            meta[name] = {"partial": False, "shards": shards}
+            continue
         state, partial = module_state(module)
         save_file(state, str(tmp / f"model_{name}.safetensors"))
         meta[name] = {"partial": partial}
     for phase, opt in optimizers.items():
-        torch.save(opt.state_dict(), tmp / f"optimizer_{phase}.pt")
+        if not shards:
+            torch.save(opt.state_dict(), tmp / f"optimizer_{phase}.pt")
         sd = {k: v for k, v in lr_schedulers[phase].state_dict().items() if k != "lr_lambdas"}
         (tmp / f"lr_scheduler_{phase}.json").write_text(json.dumps(sd))
     if ema is not None:
-        save_ema_weights(ema.shadow_params, tmp / "ema.safetensors")
+        if not shards:
+            save_ema_weights(ema.shadow_params, tmp / "ema.safetensors")
         (tmp / "ema.json").write_text(json.dumps({"optimization_step": ema.optimization_step}))
     state = {"step": step, "batches_seen": batches_seen, "method": method, "num_processes": num_processes,
              "modules": meta, "run_id": run_id, "files": file_manifest(tmp)}
@@ -227,23 +318,36 @@ def read_trainer_state(path: Path) -> dict:
     return read_checkpoint_file(path / STATE_FILE, _read_json)
 
 
-def load_state_modules(path: Path, modules: dict[str, torch.nn.Module], unwrap=lambda m: m) -> None:
-    """Load each module's weights from checkpoint ``path`` (strict, except partial LoRA-only saves)."""
+def load_state_modules(path: Path, modules: dict[str, torch.nn.Module], unwrap=lambda m: m,
+                       rank: int | None = None) -> None:
+    """Load each module's weights from checkpoint ``path`` (strict, except partial LoRA-only saves). A sharded
+    checkpoint is read whole into plain modules, or (``rank`` given: an FSDP resume) rank by rank into the shards."""
     state = read_trainer_state(path)
     for name, module in modules.items():
+        shards = state["modules"].get(name, {}).get("shards", 0)
+        if shards and rank is not None:
+            load_local_shards(path, f"model_{name}", rank, unwrap(module).state_dict())
+            continue
         f = path / f"model_{name}.safetensors"
-        weights = read_checkpoint_file(f, lambda f: load_file(str(f)))
+        weights = (read_full_shards(path, f"model_{name}", shards) if shards
+                   else read_checkpoint_file(f, lambda f: load_file(str(f))))
         missing, unexpected = unwrap(module).load_state_dict(weights, strict=False)
         require(not unexpected, f"checkpoint {path}: {f.name} has unexpected keys {unexpected[:3]}")
         if not state["modules"].get(name, {}).get("partial"):
             require(not missing, f"checkpoint {path}: {f.name} is missing keys {missing[:3]}")
 
 
-def load_optimizers(path: Path, optimizers: dict, lr_schedulers: dict) -> None:
-    """Restore each phase's optimiser state and LR-schedule position from checkpoint ``path``."""
+def load_optimizers(path: Path, optimizers: dict, lr_schedulers: dict, rank: int | None = None) -> None:
+    """Restore each phase's optimiser state and LR-schedule position from checkpoint ``path`` (``rank`` given:
+    that rank's shards of a sharded checkpoint, placed like the optimiser's DTensor parameters)."""
     for phase, opt in optimizers.items():
-        opt.load_state_dict(read_checkpoint_file(path / f"optimizer_{phase}.pt", lambda f: torch.load(
-            f, map_location="cpu", weights_only=True)))
+        name = f"optimizer_{phase}.pt" if rank is None else f"optimizer_{phase}.rank{rank}.pt"
+        sd = read_checkpoint_file(path / name, lambda f: torch.load(f, map_location="cpu", weights_only=True))
+        if rank is not None:
+            params = [p for group in opt.param_groups for p in group["params"]]
+            sd["state"] = {i: {k: like_param(v, params[int(i)]) if torch.is_tensor(v) else v for k, v in st.items()}
+                           for i, st in sd["state"].items()}
+        opt.load_state_dict(sd)
         sd = read_checkpoint_file(path / f"lr_scheduler_{phase}.json", _read_json)
         lr_schedulers[phase].load_state_dict({**lr_schedulers[phase].state_dict(), **sd})
 
@@ -251,9 +355,12 @@ def load_optimizers(path: Path, optimizers: dict, lr_schedulers: dict) -> None:
 def load_ema_into(path: Path, params: list[torch.nn.Parameter]) -> bool:
     """Copy a checkpoint's student-EMA weights into ``params``; False when it has none."""
     f = path / "ema.safetensors"
-    if not f.is_file():
+    if (path / f"ema{SHARD_INDEX}").is_file():
+        shadow = read_full_shards(path, "ema", int(read_trainer_state(path)["num_processes"]))
+    elif not f.is_file():
         return False
-    shadow = read_checkpoint_file(f, lambda f: load_file(str(f)))
+    else:
+        shadow = read_checkpoint_file(f, lambda f: load_file(str(f)))
     require(len(shadow) == len(params), f"checkpoint {path}: EMA holds {len(shadow)} tensors, model has {len(params)}")
     with torch.no_grad():
         for i, p in enumerate(params):
@@ -261,9 +368,13 @@ def load_ema_into(path: Path, params: list[torch.nn.Parameter]) -> bool:
     return True
 
 
-def load_ema(path: Path, ema) -> None:
-    """Restore a diffusers ``EMAModel`` (shadow weights and step count) from checkpoint ``path``, if it has one."""
-    if load_ema_into(path, ema.shadow_params):
+def load_ema(path: Path, ema, rank: int | None = None) -> None:
+    """Restore a diffusers ``EMAModel`` (shadow weights and step count) from checkpoint ``path``, if it has one
+    (``rank`` given: that rank's shards of a sharded checkpoint)."""
+    if rank is not None and (path / shard_file("ema", rank)).is_file():
+        load_local_shards(path, "ema", rank, {f"shadow_{i}": p for i, p in enumerate(ema.shadow_params)})
+        ema.optimization_step = read_checkpoint_file(path / "ema.json", _read_json)["optimization_step"]
+    elif load_ema_into(path, ema.shadow_params):
         ema.optimization_step = read_checkpoint_file(path / "ema.json", _read_json)["optimization_step"]
 
 

@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 import yaml
 
 from .errors import UserError, require, require_at_least
+from .sharding import SHARDING
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 FLOAT32_MAX = 3.4028234663852886e38
@@ -79,6 +80,10 @@ class TrainConfig:
                                        "diffusers' EMAModel warms up: the decay at step n is min(this, n / (n + 9)), "
                                        "so 0.999 is reached only after about 9,000 steps")
     report_to: str = opt("csv", "where logs go: csv, tensorboard, or csv,tensorboard")
+    sharding: str = opt("none", "none (a multi-process launch is DDP: every rank holds whole modules) or fsdp2: the "
+                                "trainer shards the student, fake score and EMA target across the ranks with FSDP2 "
+                                "(fully_shard) and writes sharded checkpoints; the frozen teacher stays whole on "
+                                "every rank. An accelerate config that selects FSDP selects fsdp2")
 
     def __post_init__(self):
         for name in ("max_train_steps", "batch_size", "gradient_accumulation_steps", "log_every"):
@@ -96,6 +101,11 @@ class TrainConfig:
                 f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}")
         require(self.lr_scheduler in LR_SCHEDULERS,
                 f"--lr-scheduler must be one of {', '.join(LR_SCHEDULERS)}, got {self.lr_scheduler!r}")
+        require(self.sharding in SHARDING, f"--sharding must be one of {', '.join(SHARDING)}, got {self.sharding!r}")
+        if self.sharding == "fsdp2":
+            require(self.mixed_precision != "fp16", "--sharding fsdp2 trains in fp32 or bf16 (--mixed-precision bf16): "
+                                                    "fp16's loss scaling is not wired for sharded gradients")
+            require(not self.torch_compile, "--torch-compile is not supported with --sharding fsdp2 yet")
         for r in self.report_to.split(","):
             require(r in ("csv", "tensorboard", ""), f"--report-to must be csv and/or tensorboard, got {self.report_to!r}")
 

@@ -8,15 +8,17 @@ an earlier ``diffdistill distill`` wrote, and starts it clean.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from .checkpoint import new_run_id, resolve_resume
+from .checkpoint import new_run_id, require_sharding, resolve_resume
 from .config import RunConfig, require_adam_step_fits, save_yaml, to_dict
 from .data import build_dataset, holds_images, require_images
 from .errors import require
@@ -30,6 +32,12 @@ from .trainer import Trainer, list_checkpoints, make_accelerator
 RUN_ENTRIES = (OUTPUT_MARKER, "config.yaml", "logs.csv", "logs.csv.tmp", "summary.json", "checkpoints", "samples",
                "pipeline", "lora", "stages", "benchmark", "tensorboard", ".pipeline.tmp", ".lora.tmp",
                "pipeline.old", "lora.old")
+
+
+def asked_of_accelerate(kind: str) -> bool:
+    """Whether the accelerate launch (its config or flags) asked for ``kind`` (FSDP, DEEPSPEED, MEGATRON_LM), even
+    where accelerate then falls back to DDP (on CPU)."""
+    return os.environ.get(f"ACCELERATE_USE_{kind}", "").lower() in ("1", "true")
 
 
 def weight_dtype(mixed_precision: str) -> torch.dtype:
@@ -88,7 +96,12 @@ def run_distill(run: RunConfig, dry_run: bool = False) -> dict:
     method_cfg = build_method_config(run.method, run.method_args, f"--method {run.method} options")
     out, run_id = check_output_folder(run)
     check_xformers(run)
+    if asked_of_accelerate("FSDP"):  # accelerate's FSDP config selects our own FSDP2 path (it falls back to DDP on CPU)
+        run.train = dataclasses.replace(run.train, sharding="fsdp2")  # validated again
     method = spec.method_cls(method_cfg, run)
+    if run.train.sharding == "fsdp2":
+        problem = method.sharding_problem()
+        require(problem is None, f"--sharding fsdp2: {problem}")
     total = method.total_steps()
     if total is not None and total != run.train.max_train_steps:
         # Staged methods own their length (sum of their stages); the saved config records it.
@@ -98,13 +111,16 @@ def run_distill(run: RunConfig, dry_run: bool = False) -> dict:
     if dry_run:
         return {"config": resolved}
 
+    for kind in ("DEEPSPEED", "MEGATRON_LM"):  # asked for (checked before accelerate fails on a missing package)
+        require(not asked_of_accelerate(kind), f"accelerate is configured for {kind}, which diffdistill does not "
+                                               "support; use DDP, or FSDP (--sharding fsdp2)")
     accelerator = make_accelerator(run.train)
-    kind = str(getattr(accelerator.distributed_type, "value", accelerator.distributed_type))
-    for name in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):  # asked for, even where accelerate falls back (CPU: DDP)
-        kind = name if os.environ.get(f"ACCELERATE_USE_{name}", "").lower() in ("1", "true") else kind
-    require(kind not in ("FSDP", "DEEPSPEED", "MEGATRON_LM"),
-            f"accelerate is configured for {kind}, which diffdistill does not support yet (its checkpoints, EMAs and "
-            "export assume whole modules on every rank); use plain multi-GPU data parallel (DDP)")
+    if asked_of_accelerate("FSDP") and accelerator.is_main_process:
+        print("[diffdistill] accelerate selected FSDP: diffdistill shards with its own FSDP2 path (--sharding fsdp2; "
+              "per-block fully_shard, teacher whole on every rank); accelerate's other FSDP options are not used",
+              file=sys.stderr, flush=True)
+    require(run.train.sharding != "fsdp2" or accelerator.num_processes > 1,
+            "--sharding fsdp2 shards across processes: start it with accelerate launch --num_processes N (N > 1)")
     require(not (run.train.mixed_precision == "fp16" and accelerator.device.type == "cpu"),
             "--mixed-precision fp16 needs a GPU (this run would train on the CPU); use bf16 or no")
     for phase in method.phases:
@@ -118,7 +134,9 @@ def run_distill(run: RunConfig, dry_run: bool = False) -> dict:
     require(len(dataset) > 0, f"--dataset {run.data.dataset}: no examples")
     if method.needs_images() is not None:
         require_images(holds_images(dataset), method.needs_images())
-    resolve_resume(run.train.resume_from_checkpoint, out / "checkpoints", run_id, warn=None)
+    resume = resolve_resume(run.train.resume_from_checkpoint, out / "checkpoints", run_id, warn=None)
+    if resume is not None:  # a sharded checkpoint resumes only as it was written (checked before any write)
+        require_sharding(resume, accelerator.num_processes if run.train.sharding == "fsdp2" else 0)
 
     # Input is valid: from here on the output folder is written.
     lock = claim_run_folder(out, run) if accelerator.is_main_process else None
@@ -145,8 +163,9 @@ def _train_and_export(run: RunConfig, method, teacher, dataset, out: Path, resol
                      "last_logs": result.last_logs, "num_processes": accelerator.num_processes,
                      "rank_weight_sha256": result.rank_checksums,
                      "skipped_images": {"count": len(result.skipped_images), "files": result.skipped_images}}
+    exported = export_run(run, method, teacher, trainer, out, result.stopped_by)  # every rank: FSDP gathers
     if accelerator.is_main_process:
-        summary.update(export_run(run, method, teacher, trainer, out, result.stopped_by))
+        summary.update(exported)
         summary["total_minutes"] = round((time.time() - t0) / 60, 2)
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     accelerator.wait_for_everyone()
@@ -156,10 +175,13 @@ def _train_and_export(run: RunConfig, method, teacher, dataset, out: Path, resol
 def export_run(run: RunConfig, method, teacher, trainer: Trainer, out: Path,
                stopped_by: str = "max_train_steps") -> dict:
     """Export pipeline/ (and lora/) with the student EMA swapped in, through the one export path; the summary's
-    files."""
-    with trainer.export_ema_weights():
+    files. Every rank calls it (under FSDP the full weights are gathered to the main process first, which alone
+    exports); the other ranks get {}."""
+    with trainer.export_ema_weights(), trainer.full_weights() as unwrap:
+        if not trainer.accelerator.is_main_process:
+            return {}
         exported = export_student(run, method, teacher, out / "pipeline", out / "lora",
-                                  trainer.validation_prompts()[0], trainer.step, unwrap=trainer.accelerator.unwrap_model,
+                                  trainer.validation_prompts()[0], trainer.step, unwrap=unwrap,
                                   stopped_by=stopped_by, bench_dir=out / "benchmark")
     res = {"pipeline": str(exported["pipeline"]),
            "checkpoints": [str(p) for p in list_checkpoints(trainer.checkpoints_dir)]}

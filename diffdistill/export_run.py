@@ -1,7 +1,8 @@
 """``diffdistill export``: a checkpoint of a distill run -> the same verified pipeline (and LoRA, and model card)
 that the run itself exports, through the one export path (``export.export_student``).
 
-``--output`` is the pipeline folder; a LoRA run's adapter goes into its ``lora/`` subfolder.
+``--output`` is the pipeline folder; a LoRA run's adapter goes into its ``lora/`` subfolder. A checkpoint of an FSDP
+run (``--sharding fsdp2``) is read whole in this one process, every rank's shards put together (``checkpoint.py``).
 """
 
 from __future__ import annotations

@@ -5,6 +5,9 @@ The trainer owns: devices, mixed precision and process groups (accelerate), Adam
 student (diffusers ``EMAModel``), deterministic per-rank data order, atomic and exactly-resumable
 checkpoints (their on-disk format lives in ``checkpoint.py``), validation
 grids, CSV/TensorBoard logs, a progress bar, non-finite-loss and SIGINT/SIGTERM handling.
+Multi-process runs are DDP (accelerate's ``prepare``), or under ``--sharding fsdp2`` FSDP2 applied by the trainer
+itself (``sharding.py``): sharded optimisers and EMAs, sharded checkpoints, full weights gathered to rank 0 for
+grids and the export (``full_weights``).
 The maths lives in the method (``diffdistill.methods``), reached only through its narrow hooks.
 """
 
@@ -36,10 +39,12 @@ from .checkpoint import (
     newest_valid_checkpoint,
     read_state,
     read_trainer_state,
+    require_sharding,
     resolve_resume,
     restore_rng_state,
     save_method_state,
     save_rng_state,
+    save_shards,
     start_checkpoint,
     write_checkpoint,
 )
@@ -48,6 +53,17 @@ from .data import bad_image_files, collate, require_few_bad, validation_prompts
 from .errors import RunFailed, require
 from .memory import peak_memory_mb
 from .methods.base import DistillMethod
+from .sharding import (
+    full_state_dict,
+    is_dtensor,
+    local,
+    meta_skeleton,
+    min_over_ranks,
+    no_gradient_sync,
+    reshard,
+    shard_module,
+    whole_module,
+)
 
 __all__ = ["CHECKPOINT_PREFIX", "Trainer", "list_checkpoints", "resolve_resume"]
 
@@ -134,6 +150,9 @@ class Trainer:
         self.skipped_images: list[str] = bad_image_files(dataset)  # dropped at build time, then met undecodable
         self.ema = None
         self.saved_step: int | None = None  # step of this run's newest checkpoint on disk
+        self.sharded = self.cfg.sharding == "fsdp2"  # FSDP2: the trainer shards the state modules (sharding.py)
+        self.sharded_modules: list[torch.nn.Module] = []
+        self._skeletons: dict[int, torch.nn.Module] = {}  # id(sharded module) -> its meta-device skeleton
 
     # ------------------------------------------------------------------ set-up
     def _setup(self) -> None:
@@ -150,6 +169,8 @@ class Trainer:
         if cfg.enable_xformers:
             for m in [*self.method.trainable_modules().values(), self.teacher.unet]:
                 m.enable_xformers_memory_efficient_attention()
+        if self.sharded:
+            self._shard()
         modules = self.method.trainable_modules()
         self.optimizers, self.lr_schedulers = {}, {}
         phases = list(dict.fromkeys(self.method.phases))  # a phase may repeat (DMD2's extra critic updates)
@@ -159,12 +180,13 @@ class Trainer:
             self.optimizers[phase] = torch.optim.AdamW(
                 params, lr=self.method.learning_rate(phase, cfg.learning_rate), betas=(cfg.adam_beta1, cfg.adam_beta2),
                 weight_decay=cfg.weight_decay, eps=cfg.adam_epsilon)
-        names = list(modules)
-        prepared = acc.prepare(*modules.values(), *[self.optimizers[p] for p in phases])
-        prepared = prepared if isinstance(prepared, tuple) else (prepared,)
         self.method.unwrap = acc.unwrap_model
-        self.method.set_trainable_modules(dict(zip(names, prepared[: len(names)])))
-        self.optimizers = dict(zip(phases, prepared[len(names):]))
+        if not self.sharded:  # FSDP2 modules are used as they are (accelerate would wrap them in DDP on CPU)
+            names = list(modules)
+            prepared = acc.prepare(*modules.values(), *[self.optimizers[p] for p in phases])
+            prepared = prepared if isinstance(prepared, tuple) else (prepared,)
+            self.method.set_trainable_modules(dict(zip(names, prepared[: len(names)])))
+            self.optimizers = dict(zip(phases, prepared[len(names):]))
         segments = self.method.lr_segments()
         for phase, opt in self.optimizers.items():
             if segments is None:
@@ -180,6 +202,39 @@ class Trainer:
             self.ema = EMAModel([p for p in student.parameters() if p.requires_grad], decay=cfg.student_ema_decay)
         # Different noise on every rank from here on (the data order is per-rank by construction).
         torch.manual_seed(cfg.seed * 1000 + 17 + acc.process_index)
+
+    def _shard(self) -> None:
+        """``fully_shard`` every state module (student, fake score, LCM's target) in place, keeping a meta-device
+        skeleton of each to rebuild it whole from gathered weights (``full_weights``). The teacher stays whole
+        on every rank (frozen, no optimiser state, run whole by every rank: see ``sharding.py``)."""
+        self.sharded_modules = list(self.method.state_modules().values())
+        for m in self.sharded_modules:
+            self._skeletons[id(m)] = meta_skeleton(m)
+            shard_module(m)
+
+    @contextlib.contextmanager
+    def full_weights(self):
+        """Context manager giving the ``unwrap`` with which the main process reads whole modules: accelerate's
+        ``unwrap_model``, or under FSDP a plain copy of each sharded module holding its full weights, gathered
+        to rank 0 when the block opens. Collective under FSDP: every rank enters it (then only the main process
+        samples or exports: a sharded forward on one rank alone would wait forever for the others)."""
+        acc = self.accelerator
+        if not self.sharded:
+            yield acc.unwrap_model
+            return
+        reshard(self.sharded_modules)
+        states = {id(m): full_state_dict(m) for m in self.sharded_modules}  # rank 0: CPU tensors; others: {}
+        built: dict[int, torch.nn.Module] = {}
+
+        def unwrap(module):
+            key = id(module)
+            if key not in states:
+                return acc.unwrap_model(module)
+            if key not in built:
+                built[key] = whole_module(self._skeletons[key], states[key], acc.device)
+            return built[key]
+
+        yield unwrap
 
     # ------------------------------------------------------------------ data
     def _epoch_batches(self, epoch: int) -> list[list[int]]:
@@ -242,12 +297,16 @@ class Trainer:
         acc.wait_for_everyone()
         save_rng_state(tmp, acc.process_index)
         save_method_state(tmp, acc.process_index, self.method.extra_state())
+        if self.sharded:  # every rank writes its own shards (of the sharded parameters: resharded first)
+            reshard(self.sharded_modules)
+            save_shards(tmp, acc.process_index, self.method.state_modules(), self.optimizers, self.ema)
         acc.wait_for_everyone()
         if acc.is_main_process:
             modules = {name: acc.unwrap_model(m) for name, m in self.method.state_modules().items()}
             write_checkpoint(tmp, final, step=self.step, batches_seen=self.batches_seen, method=self.method.name,
                              num_processes=acc.num_processes, run_id=self.run_id, modules=modules,
-                             optimizers=self.optimizers, lr_schedulers=self.lr_schedulers, ema=self.ema)
+                             optimizers=self.optimizers, lr_schedulers=self.lr_schedulers, ema=self.ema,
+                             shards=acc.num_processes if self.sharded else 0)
             self._prune()
         acc.wait_for_everyone()
         self.saved_step = self.step
@@ -269,10 +328,12 @@ class Trainer:
         state = read_trainer_state(path)
         require(state.get("method") == self.method.name,
                 f"checkpoint {path} is from method {state.get('method')!r}, not {self.method.name!r}")
-        load_state_modules(path, self.method.state_modules(), acc.unwrap_model)
-        load_optimizers(path, self.optimizers, self.lr_schedulers)
+        require_sharding(path, acc.num_processes if self.sharded else 0)
+        rank = acc.process_index if self.sharded else None  # a sharded checkpoint: each rank reads its own shards
+        load_state_modules(path, self.method.state_modules(), acc.unwrap_model, rank=rank)
+        load_optimizers(path, self.optimizers, self.lr_schedulers, rank=rank)
         if self.ema is not None:
-            load_ema(path, self.ema)
+            load_ema(path, self.ema, rank=rank)
         restore_rng_state(path, acc.process_index)
         self.method.load_extra_state(load_method_state(path, acc.process_index))
         self.step, self.batches_seen = int(state["step"]), int(state["batches_seen"])
@@ -286,9 +347,12 @@ class Trainer:
 
     @torch.no_grad()
     def save_validation_grid(self, name: str) -> Path | None:
-        """Sample the current student through its export preset and save a PNG grid (main process)."""
-        if not self.accelerator.is_main_process:
-            return None
+        """Sample the current student through its export preset and save a PNG grid (main process; every rank
+        enters, for the gathering of sharded weights)."""
+        with self.full_weights() as unwrap:
+            return self._sample_grid(name, unwrap) if self.accelerator.is_main_process else None
+
+    def _sample_grid(self, name: str, unwrap) -> Path:
         from .export import build_pipeline
         from .images import save_grid
 
@@ -296,7 +360,7 @@ class Trainer:
         for m in modules.values():
             m.eval()
         try:
-            unet = self.method.export_unet(self.accelerator.unwrap_model)
+            unet = self.method.export_unet(unwrap)
             pipe = build_pipeline(self.teacher, unet, self.method.export_scheduler(self.teacher.scheduler))
             prompts = self.validation_prompts()
             gens = [torch.Generator().manual_seed(1000 + i) for i in range(len(prompts))]
@@ -474,7 +538,9 @@ class Trainer:
             prefix = "" if len(self.optimizers) == 1 else f"{phase}/"
             for i, batch in enumerate(micro_batches):
                 with contextlib.ExitStack() as stack:
-                    if i < k - 1:  # accumulate locally; the last micro-batch's backward all-reduces
+                    if i < k - 1 and self.sharded:  # accumulate locally; the last backward reduce-scatters
+                        stack.enter_context(no_gradient_sync(modules))
+                    elif i < k - 1:  # accumulate locally; the last micro-batch's backward all-reduces
                         for m in modules:
                             stack.enter_context(acc.no_sync(m))
                     with acc.autocast():
@@ -484,11 +550,17 @@ class Trainer:
                 for key, v in phase_logs.items():  # the mean over micro-batches (a repeated phase: its last)
                     v = v / k if k > 1 else v
                     logs[prefix + key] = logs.get(prefix + key, 0) + v if i else v
-            if cfg.max_grad_norm > 0:
+            if cfg.max_grad_norm > 0 and self.sharded:  # the norm of the DTensor gradients: over all shards
+                torch.nn.utils.clip_grad_norm_(method.parameters(phase), cfg.max_grad_norm)
+            elif cfg.max_grad_norm > 0:
                 acc.clip_grad_norm_(method.parameters(phase), cfg.max_grad_norm)
             opt.step()
             opt.zero_grad(set_to_none=True)
-        if not bool(torch.stack(finite).all()):  # the one host synchronisation of the step
+            reshard(self.sharded_modules)  # e.g. LCM's target after its no-grad forward, before its EMA update
+        finite = torch.stack(finite).all()
+        if self.sharded:  # every rank stops together (one alone would leave the others waiting in a collective)
+            finite = min_over_ranks(finite.float()) > 0
+        if not bool(finite):  # the one host synchronisation of the step
             bad = sorted(key for key, v in logs.items() if not torch.isfinite(torch.as_tensor(v)).all())
             raise NonFiniteError(f"non-finite loss at step {self.step + 1} (term {', '.join(bad) or 'loss'}); this "
                                  f"step's update was not saved{self._last_good_note()}")
@@ -525,7 +597,8 @@ class Trainer:
         """SHA-256 of the student's state dict on every rank, in rank order: equal on all ranks exactly when DDP
         kept every weight bit-identical (a sum of weights misses differences that cancel or sit below its
         rounding). Hashes each tensor's name and raw bytes in sorted key order, so the ``model_student.safetensors``
-        of a full (non-LoRA) checkpoint of the same step gives the same digest."""
+        of a full (non-LoRA) checkpoint of the same step gives the same digest. Under FSDP each rank hashes the
+        full weights (gathered tensor by tensor), so the digests agree exactly when the gathering does."""
         import hashlib
 
         from accelerate.utils import gather_object
@@ -533,8 +606,9 @@ class Trainer:
         state = self.accelerator.unwrap_model(self.method.student).state_dict()
         digest = hashlib.sha256()
         for key in sorted(state):
+            value = state[key].full_tensor() if is_dtensor(state[key]) else state[key]  # collective, same order
             digest.update(key.encode() + b"\0")
-            digest.update(state[key].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+            digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
         return gather_object([digest.hexdigest()])
 
     def _last_good_note(self) -> str:
@@ -545,12 +619,14 @@ class Trainer:
     def _check_weights(self) -> None:
         """Raise NonFiniteError when a trained weight (or the student EMA) holds a NaN/inf: one host sync,
         paid once per checkpoint. A diverged update shows up here even when no loss saw it yet."""
-        groups = {name: [p for p in self.accelerator.unwrap_model(m).parameters() if p.requires_grad]
+        groups = {name: [local(p) for p in self.accelerator.unwrap_model(m).parameters() if p.requires_grad]
                   for name, m in self.method.state_modules().items()}
         if self.ema is not None:
-            groups["student EMA"] = list(self.ema.shadow_params)
+            groups["student EMA"] = [local(p) for p in self.ema.shadow_params]
         groups = {k: v for k, v in groups.items() if v}
         finite = torch.stack([torch.stack([torch.isfinite(p).all() for p in ps]).all() for ps in groups.values()])
+        if self.sharded:  # each rank sees its own shards: every rank must reach the same verdict
+            finite = min_over_ranks(finite.float()) > 0
         bad = [name for name, ok in zip(groups, finite.tolist()) if not ok]
         if bad:
             raise NonFiniteError(f"non-finite weights in {bad[0]} after step {self.step} (the optimiser step "

@@ -20,6 +20,8 @@ Set-up (before the first file is written, then before training)
                                               ``unwrap_model``) for reading a wrapped module bare
 * ``parameters(phase)``, ``learning_rate(phase, default)``, ``lr_segments()``
                                               one optimiser and LR schedule per phase
+* ``sharding_problem()``                      why the method cannot train under ``--sharding fsdp2`` (one line),
+                                              or None where it can (tested)
 * ``total_steps()``                           the run's length when the method fixes it (progressive: the
                                               sum of its stages), else None (--max-train-steps)
 
@@ -116,6 +118,12 @@ class DistillMethod:
         (progressive distillation); stage changes happen here, inside the one training loop.
         """
         return []
+
+    def sharding_problem(self) -> str | None:
+        """Why this method cannot train under ``--sharding fsdp2`` (one line), or None where it can; only methods
+        with a two-process FSDP test say None."""
+        return (f"--method {self.name} is not supported under FSDP yet (supported and tested: lcm with a full UNet, "
+                "dmd); use DDP (--sharding none)")
 
     def total_steps(self) -> int | None:
         """Optimiser steps the method needs in all, when it decides the run's length (replaces

@@ -180,6 +180,12 @@ class ConsistencyDistillation(DistillMethod):
             if self.cfg.ema_decay > 0:
                 self.target = copy.deepcopy(self.student).requires_grad_(False).eval()
 
+    def sharding_problem(self) -> str | None:
+        if self.lora:
+            return ("a LoRA student is not supported under FSDP (its trainable weights are small: use DDP, "
+                    "--sharding none)")
+        return None
+
     def loss(self, phase: str, batch: dict, step: int):
         sched, pt = self.teacher.schedule, self.teacher.prediction_type
         student = Denoiser(self.student, sched, pt)
@@ -203,7 +209,7 @@ class ConsistencyDistillation(DistillMethod):
         # LCM exports the EMA target network (the smoothed consistency function), unless the trainer keeps
         # its own, usually slower, EMA of the student (--student-ema-decay): then the student holds it here.
         if self.target is not None and self.run.train.student_ema_decay == 0:
-            return self.target
+            return unwrap(self.target)
         return unwrap(self.student)
 
     def fused_lora_unet(self, unwrap) -> torch.nn.Module:

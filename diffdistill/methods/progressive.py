@@ -205,7 +205,7 @@ class ProgressiveDistillation(DistillMethod):
             finished.append(self._stage_export(self.current))
         if new is not None and new is not self.current:
             # The frozen teacher of a halving stage is the student as it is now (end of the previous stage).
-            student = getattr(self.student, "module", self.student)
+            student = self.unwrap(self.student)
             self.stage_teacher.load_state_dict(student.state_dict())
             self.current = new
         return finished
@@ -223,7 +223,7 @@ class ProgressiveDistillation(DistillMethod):
         self.current = self.stage_at(step - 1) if step > 0 else None
 
     def _stage_export(self, stage: Stage) -> dict:
-        student = getattr(self.student, "module", self.student)
+        student = self.unwrap(self.student)
         return {"name": stage.name, "unet": copy.deepcopy(student).eval(), "steps": stage.student_steps,
                 "scheduler": self.export_scheduler(self.teacher.scheduler)}
 

@@ -383,7 +383,7 @@ class ScoreDistillation(RegressionPoolState, DistillMethod):
 
         The critic's parameters are switched off while its graph is built, so the generator's backward
         leaves no gradients on them (and the DDP wrappers are bypassed)."""
-        head = getattr(self.head, "module", self.head)
+        head = self.unwrap(self.head)
         with frozen(fake.unet, head):
             fake_x0, _ = fake.x0_eps(x_t, t, cond)
             gan = gan_generator_loss(head(self.tap.features["mid"], cond.mean(1)))
@@ -422,4 +422,9 @@ class DistributionMatchingDistillation(ScoreDistillation):
 
     name = "dmd"
     use_fake_score = True
+
+    def sharding_problem(self) -> str | None:
+        if self.cfg.gan_weight > 0:  # its generator loss switches the critic's requires_grad mid-step (``frozen``)
+            return "DMD2's GAN head (--gan-weight > 0) is not supported under FSDP yet; use DDP (--sharding none)"
+        return None
 
