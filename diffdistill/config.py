@@ -114,6 +114,12 @@ class DataConfig:
     dataloader_num_workers: int = opt(0, "DataLoader worker processes")
     max_bad_image_fraction: float = opt(0.01, "images that cannot be decoded are skipped and named on stderr; the "
                                               "run fails (one line) only if more than this fraction of them is bad")
+    cache_latents: bool = opt(False, "encode every training image once, before training, to its VAE posterior (mean "
+                                     "and std, kept in memory) and draw each step's latents from it with the run's RNG, "
+                                     "as without the cache: the same training, minus a VAE encoder pass per batch "
+                                     "(image datasets that fit in memory; not webdataset shards)")
+    shuffle_buffer: int = opt(1000, "webdataset shards: samples held in the shuffle buffer of each data-loader "
+                                    "worker (1: no shuffling within shards)")
 
     FORMER_OPTIONS: ClassVar[dict[str, str]] = {
         "uncond_prob": "was removed: no method trains a network that is ever queried without its prompt (the "
@@ -124,6 +130,7 @@ class DataConfig:
         require(self.resolution >= 0, f"--resolution must be >= 0, got {self.resolution}")
         require(self.max_samples >= 0, f"--max-samples must be >= 0, got {self.max_samples}")
         require(self.dataloader_num_workers >= 0, f"--dataloader-num-workers must be >= 0, got {self.dataloader_num_workers}")
+        require(self.shuffle_buffer >= 1, f"--shuffle-buffer must be >= 1, got {self.shuffle_buffer}")
         require(0 <= self.max_bad_image_fraction <= 1,
                 f"--max-bad-image-fraction must be in [0, 1], got {self.max_bad_image_fraction}")
 

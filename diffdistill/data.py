@@ -329,6 +329,39 @@ def validation_prompts(cfg: DataConfig, dataset: Dataset) -> list[str]:
     return prompts
 
 
+class LatentCache(Dataset):
+    """An image dataset with each image replaced by its VAE posterior, computed once (``--cache-latents``): items
+    ``{"latent_mean", "latent_std": (C, h, w) unscaled, "prompt"}`` (and ``"skipped"`` where the source replaced an
+    undecodable image, noted when the item is drawn, as without the cache). ``encode`` maps a (B, 3, H, W) image
+    batch in [-1, 1] to that batch's (mean, std); the tensors stay on the CPU, two latents per image."""
+
+    def __init__(self, dataset: Dataset, encode, batch_size: int):
+        means, stds, self.items = [], [], []
+        for start in range(0, len(dataset), batch_size):
+            items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+            mean, std = encode(torch.stack([it["pixel_values"] for it in items]))
+            means.append(mean.float().cpu())
+            stds.append(std.float().cpu())
+            self.items += [{k: v for k, v in it.items() if k != "pixel_values"} for it in items]
+        self.mean, self.std = torch.cat(means), torch.cat(stds)  # (N, C, h, w) each
+        self.bad_files = bad_image_files(dataset)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"latent_mean": self.mean[i], "latent_std": self.std[i], **self.items[i]}
+
+
+# The keys of an item (and a batch) that carry its image: decoded pixels, or a cached VAE posterior.
+IMAGE_KEYS = ("pixel_values", "latent_mean")
+
+
+def has_images(batch: dict) -> bool:
+    """Whether a batch carries images (pixels or cached latents) rather than prompts alone."""
+    return any(key in batch for key in IMAGE_KEYS)
+
+
 def require_images(has_images: bool, what: str) -> None:
     """UserError unless the data holds images (``what`` names the part of the run that learns from them)."""
     require(has_images, f"{what} needs images: --dataset must hold images, not only prompts")
@@ -345,11 +378,12 @@ def bad_image_files(dataset: Dataset) -> list[str]:
 
 
 def collate(items: list[dict]) -> dict:
-    """Stack images, keep prompts as a list of strings (and the files skipped while decoding under ``skipped``)."""
+    """Stack images (or cached latents), keep prompts as a list of strings (and the files skipped while decoding under ``skipped``)."""
     batch: dict = {"prompt": [it["prompt"] for it in items]}
     skipped = [name for it in items for name in it.get("skipped", ())]
     if skipped:
         batch["skipped"] = skipped
-    if "pixel_values" in items[0]:
-        batch["pixel_values"] = torch.stack([it["pixel_values"] for it in items])
+    for key in ("pixel_values", "latent_mean", "latent_std"):
+        if key in items[0]:
+            batch[key] = torch.stack([it[key] for it in items])
     return batch

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from .data import require_images
+from .data import has_images, require_images
 from .denoiser import Denoiser, NoiseSchedule, scheduler_prediction_type
 from .errors import UserError, require
 from .loading import check_pipeline_folder, check_variant, hub_kwargs, is_hub_id, load_error_line, quiet_loading
@@ -88,9 +88,14 @@ class Teacher:
 
     def encode_batch(self, batch: dict, what: str) -> dict:
         """A data batch -> {"latents", "cond", "uncond"} for methods that learn from images (``what`` names the method)."""
-        require_images("pixel_values" in batch, what)
+        require_images(has_images(batch), what)
         device = self.unet.device
-        return {"latents": self.encode_images(batch["pixel_values"].to(device)),
+        latents = (self.sample_latents(batch["latent_mean"], batch["latent_std"]) if "latent_mean" in batch
+                   else self.encode_images(batch["pixel_values"].to(device)))
+        # Contiguous either way: the posterior's mean is a channel slice of the encoder output, and torch's CPU
+        # randn_like draws other numbers for a strided tensor than for a contiguous one of the same shape, so the
+        # methods' noise would differ between the cached and the uncached latents.
+        return {"latents": latents.contiguous(),
                 "cond": self.encode_prompts(batch["prompt"], device), "uncond": self.encode_prompts([""], device)}
 
     @torch.no_grad()
@@ -99,6 +104,23 @@ class Teacher:
         vae = self.vae
         post = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist
         return post.sample(generator) * vae.config.scaling_factor
+
+    @torch.no_grad()
+    def encode_posterior(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images in [-1, 1] (B, 3, H, W) -> the VAE posterior's mean and std (B, C, h, w), unscaled."""
+        vae = self.vae
+        post = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist
+        return post.mean, post.std
+
+    @torch.no_grad()
+    def sample_latents(self, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+        """Scaled latents (B, C, h, w) drawn from a cached posterior exactly as ``encode_images`` draws them:
+        diffusers' DiagonalGaussianDistribution.sample (mean + std * randn_tensor) on the run's RNG."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        vae = self.vae
+        mean, std = mean.to(device=vae.device, dtype=vae.dtype), std.to(device=vae.device, dtype=vae.dtype)
+        return (mean + std * randn_tensor(mean.shape, device=vae.device, dtype=vae.dtype)) * vae.config.scaling_factor
 
     @torch.no_grad()
     def sample(self, cond: torch.Tensor, uncond: torch.Tensor, guidance_scale: float, steps: int,

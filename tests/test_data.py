@@ -196,3 +196,35 @@ def test_hf_dataset_rows_that_fail_to_decode_are_replaced_and_named(monkeypatch)
     item = ds[1]
     assert item["prompt"] == "two" and item["skipped"] == ["someone/digits[1] (image file is truncated)"]
     assert [ds[i]["prompt"] for i in (0, 2)] == ["zero", "two"]
+
+
+def _losses(run) -> list[float]:
+    import csv
+
+    with (run / "logs.csv").open() as f:
+        return [float(row["loss"]) for row in csv.DictReader(f)]
+
+
+def test_cache_latents_encodes_once_and_trains_the_same(tiny_sd, tmp_path, monkeypatch, one_thread):
+    """--cache-latents: the VAE encoder runs once per image before training and never during it, and the losses
+    match a run without the cache (the same RNG draws: mean + std * noise, as diffusers' posterior sample)."""
+    from diffusers import AutoencoderKL
+    from tolerance import assert_close_at_scale
+
+    from diffdistill.cli import main
+
+    encoded = []
+    real_encode = AutoencoderKL.encode
+    monkeypatch.setattr(AutoencoderKL, "encode", lambda self, x, *a, **k: encoded.append(x.shape[0])
+                        or real_encode(self, x, *a, **k))
+    argv = ["distill", "--method", "lcm", "--teacher", tiny_sd, "--max-samples", "10", "--batch-size", "4",
+            "--max-train-steps", "3", "--log-every", "1", "--checkpointing-steps", "0", "--validation-steps", "0",
+            "--benchmark-samples", "0", "--num-ddim-timesteps", "10", "--lr-warmup-steps", "0"]
+    assert main([*argv, "--output", str(tmp_path / "plain")]) == 0
+    assert encoded == [4, 4, 4]  # one encoder pass per training batch
+    encoded.clear()
+    assert main([*argv, "--output", str(tmp_path / "cached"), "--cache-latents"]) == 0
+    assert encoded == [4, 4, 2]  # the 10 images, once, in batches of --batch-size; none while training
+    plain, cached = torch.tensor(_losses(tmp_path / "plain")), torch.tensor(_losses(tmp_path / "cached"))
+    assert len(plain) == 3 and plain.std() > 0
+    assert_close_at_scale(cached, plain, rel=1e-4)
