@@ -18,7 +18,7 @@ import torch
 
 from .checkpoint import new_run_id, resolve_resume
 from .config import RunConfig, require_adam_step_fits, save_yaml, to_dict
-from .data import LatentCache, build_dataset, holds_images, require_images
+from .data import LatentCache, TarShards, build_dataset, holds_images, require_images
 from .errors import require
 from .export import export_student
 from .methods import build_method_config, get_method
@@ -118,6 +118,8 @@ def run_distill(run: RunConfig, dry_run: bool = False) -> dict:
     require(len(dataset) > 0, f"--dataset {run.data.dataset}: no examples")
     if method.needs_images() is not None:
         require_images(holds_images(dataset), method.needs_images())
+    if isinstance(dataset, TarShards):
+        dataset.require_streams(accelerator.num_processes, run.data.dataloader_num_workers)
     if run.data.cache_latents:
         dataset = cache_latents(dataset, teacher, run.train.batch_size, accelerator)
     resolve_resume(run.train.resume_from_checkpoint, out / "checkpoints", run_id, warn=None)

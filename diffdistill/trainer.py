@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 
 from .checkpoint import (
     CHECKPOINT_PREFIX,
@@ -195,26 +195,39 @@ class Trainer:
         return [perm[i: i + global_bs][acc.process_index * bs: (acc.process_index + 1) * bs]
                 for i in range(0, usable, global_bs)]
 
-    def _batch_stream(self):
-        """Yield collated batches forever, starting at micro-batch ``self.batches_seen``."""
+    def _epoch_loaders(self):
+        """One DataLoader per epoch, without end, from micro-batch ``self.batches_seen`` on (map-style datasets)."""
         per_epoch = len(self._epoch_batches(0))
         epoch, offset = divmod(self.batches_seen, per_epoch)
         while True:
-            index_batches = self._epoch_batches(epoch)[offset:]
             # An own generator: a DataLoader without one draws its worker seed from the global RNG,
             # which would make a resumed run's noise differ from an uninterrupted one.
-            loader = DataLoader(self.dataset, batch_sampler=index_batches, collate_fn=collate,
-                                num_workers=self.run.data.dataloader_num_workers,
-                                generator=torch.Generator().manual_seed(self.cfg.seed + epoch))
-            try:
+            yield DataLoader(self.dataset, batch_sampler=self._epoch_batches(epoch)[offset:], collate_fn=collate,
+                             num_workers=self.run.data.dataloader_num_workers,
+                             generator=torch.Generator().manual_seed(self.cfg.seed + epoch))
+            epoch, offset = epoch + 1, 0
+
+    def _stream_loader(self) -> DataLoader:
+        """The one DataLoader of a streamed dataset (``data.TarShards``): this rank's shards, without end, from
+        micro-batch ``self.batches_seen`` on (the stream skips what was drawn before, see its docstring)."""
+        acc, bs = self.accelerator, self.cfg.batch_size
+        stream = self.dataset.split(acc.process_index, acc.num_processes, self.cfg.seed, bs, self.batches_seen)
+        return DataLoader(stream, batch_size=bs, collate_fn=collate, num_workers=self.run.data.dataloader_num_workers,
+                          generator=torch.Generator().manual_seed(self.cfg.seed))
+
+    def _batch_stream(self):
+        """Yield collated batches forever, starting at micro-batch ``self.batches_seen``."""
+        streamed = isinstance(self.dataset, IterableDataset)
+        loaders = iter([self._stream_loader()]) if streamed else self._epoch_loaders()
+        try:
+            for loader in loaders:
                 for batch in loader:
                     self.batches_seen += 1
                     self._note_skipped(batch.pop("skipped", []))
                     yield batch
-            except RunFailed as e:  # an unreadable image met mid-run (in a worker: its traceback text)
-                message = str(e).strip().splitlines()[-1].split(f"{type(e).__name__}: ", 1)[-1]
-                raise RunFailed(f"{message} (at step {self.step + 1}){self._last_good_note()}") from None
-            epoch, offset = epoch + 1, 0
+        except RunFailed as e:  # an unreadable image met mid-run (in a worker: its traceback text)
+            message = str(e).strip().splitlines()[-1].split(f"{type(e).__name__}: ", 1)[-1]
+            raise RunFailed(f"{message} (at step {self.step + 1}){self._last_good_note()}") from None
 
     def _note_skipped(self, skipped: list[str]) -> None:
         """Name each newly met undecodable image on stderr (the dataset replaced it, see ``data.DecodedImages``);

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
 
 import pytest
 import torch
 from PIL import Image
 
 from diffdistill.config import DataConfig
-from diffdistill.data import build_dataset, collate, expand_braces
+from diffdistill.data import build_dataset, collate
 from diffdistill.errors import UserError
 
 
@@ -47,20 +46,6 @@ def test_imagefolder_with_metadata(tmp_path):
     assert torch.allclose(batch["pixel_values"][0, 1], -torch.ones(16, 16))
 
 
-def test_webdataset_shards_with_brace_pattern(tmp_path):
-    for shard in range(2):
-        with tarfile.open(tmp_path / f"data-{shard:03d}.tar", "w") as tar:
-            for k in range(3):
-                for name, data in ((f"s{shard}_{k}.png", _png((k * 80, 0, 0))), (f"s{shard}_{k}.txt", f"cap {k}".encode())):
-                    info = tarfile.TarInfo(name)
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
-    pattern = str(tmp_path / "data-{000..001}.tar")
-    assert len(expand_braces(pattern)) == 2
-    ds = build_dataset(DataConfig(dataset=pattern, max_samples=5), 8)
-    assert len(ds) == 5 and ds[0]["pixel_values"].shape == (3, 8, 8) and ds[0]["prompt"] == "cap 0"
-
-
 def test_prompt_file(tmp_path):
     f = tmp_path / "prompts.txt"
     f.write_text("a cat\n\na dog\n")
@@ -73,6 +58,7 @@ def test_prompt_file(tmp_path):
     (lambda p: str(p / "missing.txt"), r"prompt file not found: .*missing\.txt"),
     (lambda p: str(p / "nope") + "/", r"nope/': no such folder or file"),
     (lambda p: str(p / "x-{000..001}.tar"), r"webdataset shard not found: .*x-000\.tar, .*x-001\.tar"),
+    (lambda p: (p / "x.tar").write_bytes(b"not a tar" * 100) and str(p / "x.tar"), r"x\.tar is not a readable tar shard"),
 ])
 def test_bad_sources(tmp_path, make, msg):
     with pytest.raises(UserError, match=msg):
@@ -130,18 +116,6 @@ def test_too_many_unreadable_images_is_one_line_naming_the_flag(tmp_path):
         build_dataset(DataConfig(dataset=str(tmp_path), max_bad_image_fraction=0.1), 8)
     with pytest.raises(UserError, match=r"--max-bad-image-fraction must be in \[0, 1\], got 2"):
         DataConfig(max_bad_image_fraction=2)
-
-
-def test_unreadable_images_in_webdataset_shards_are_dropped(tmp_path, capsys):
-    with tarfile.open(tmp_path / "d.tar", "w") as tar:
-        for key, img in (("a", _png((1, 0, 0))), ("b", b"not an image"), ("c", _png((2, 0, 0)))):
-            for name, data in ((f"{key}.png", img), (f"{key}.txt", key.encode())):
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    ds = build_dataset(DataConfig(dataset=str(tmp_path / "d.tar"), max_bad_image_fraction=0.5), 8)
-    assert [ds[i]["prompt"] for i in range(len(ds))] == ["a", "c"]
-    assert f"{tmp_path / 'd.tar'}:b" in capsys.readouterr().err
 
 
 def test_hf_imagefolder_layouts_train_split_and_metadata_csv(tmp_path):
