@@ -132,6 +132,7 @@ class Trainer:
         self.step = 0
         self.batches_seen = 0  # global count of micro-batches drawn, for exact data-order resume
         self.skipped_images: list[str] = bad_image_files(dataset)  # dropped at build time, then met undecodable
+        self._met: list[str] = []  # undecodable images this rank met that the ranks have not agreed on yet
         self.ema = None
         self.saved_step: int | None = None  # step of this run's newest checkpoint on disk
 
@@ -230,16 +231,40 @@ class Trainer:
             raise RunFailed(f"{message} (at step {self.step + 1}){self._last_good_note()}") from None
 
     def _note_skipped(self, skipped: list[str]) -> None:
-        """Name each newly met undecodable image on stderr (the dataset replaced it, see ``data.DecodedImages``);
-        RunFailed once more than --max-bad-image-fraction of the images are bad."""
-        new = [name for name in dict.fromkeys(skipped) if name not in self.skipped_images]
+        """Take the undecodable images a batch met (the dataset replaced them, see ``data.DecodedImages`` and
+        ``data.TarShards``): at once in a single process; with several, held until ``_agree_on_skipped``."""
+        new = [name for name in dict.fromkeys(skipped) if name not in self.skipped_images and name not in self._met]
+        if self.accelerator.num_processes == 1:
+            self._admit_skipped(new)
+        else:
+            self._met += new
+
+    def _agree_on_skipped(self) -> None:
+        """Several processes: every rank gathers the undecodable images all ranks met since the last call and
+        applies the --max-bad-image-fraction check to the same union, at the same step (each log step), so all
+        ranks go on or all stop together (a rank that stopped alone would leave the others waiting in DDP)."""
+        if self.accelerator.num_processes == 1:
+            return
+        from accelerate.utils import gather_object
+
+        met, self._met = gather_object([self._met]), []
+        try:
+            self._admit_skipped([name for names in met for name in names])
+        except RunFailed as e:
+            raise RunFailed(f"{e} (by step {self.step}){self._last_good_note()}") from None
+
+    def _admit_skipped(self, names: list[str]) -> None:
+        """Count the newly met undecodable images and name them on stderr (main process); RunFailed once more than
+        --max-bad-image-fraction of the dataset's images (those dropped when it was built included) are bad."""
+        new = [name for name in dict.fromkeys(names) if name not in self.skipped_images]
         self.skipped_images += new
         if new:  # checked first: a failing run prints its one error line alone
             dropped = len(bad_image_files(self.dataset))
             require_few_bad(len(self.skipped_images), len(self.dataset) + dropped,
                             self.run.data.max_bad_image_fraction, self.run.data.dataset, new, error=RunFailed)
-        for name in new:
-            print(f"warning: skipping undecodable image {name}", file=sys.stderr, flush=True)
+        if self.accelerator.is_main_process:
+            for name in new:
+                print(f"warning: skipping undecodable image {name}", file=sys.stderr, flush=True)
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path:
@@ -442,6 +467,7 @@ class Trainer:
                     log_sums[k] = (total + v, n + 1)
                 bar.update(1)
                 if self.step % cfg.log_every == 0 or self.step == cfg.max_train_steps:
+                    self._agree_on_skipped()
                     last_logs = self._flush_logs(log_sums, t0, steps_at_start, bar)
                 if cfg.checkpointing_steps and self.step % cfg.checkpointing_steps == 0:
                     self.save_checkpoint()
@@ -456,6 +482,7 @@ class Trainer:
                               "finishing the run here")
                     break
             if log_sums:  # stopped between log intervals (--max-train-minutes)
+                self._agree_on_skipped()
                 last_logs = self._flush_logs(log_sums, t0, steps_at_start, bar)
             self._export_stages(self.method.before_step(self.step))
             if self.saved_step != self.step:  # this run's own final checkpoint, whatever else lies in the folder

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import re
 import tarfile
 
 import pytest
@@ -149,3 +150,33 @@ def test_a_resumed_run_on_shards_trains_exactly_as_an_uninterrupted_one(tiny_sd,
     for name, module in whole.method.state_modules().items():
         other = resumed.method.state_modules()[name]
         assert all(torch.equal(p, q) for p, q in zip(module.state_dict().values(), other.state_dict().values()))
+
+
+@pytest.mark.slow
+def test_two_processes_on_shards_agree_on_undecodable_images(tiny_sd, tmp_path):
+    """accelerate launch, 2 CPU processes (gloo), an undecodable image only rank 1 meets: past
+    --max-bad-image-fraction rank 0 stops too, at the same step, with one line and exit status 3, instead of
+    training on while rank 1 stops (and then waiting for it in DDP)."""
+    import os
+    import subprocess
+    import sys
+
+    pattern = _write_shards(tmp_path, 4, 6)
+    # 3 steps x batch 4 = 12 samples a rank = its 2 shards of epoch 0 (seed 0); the bad image goes into one of rank 1's
+    bad_shard = TarShards(pattern, 8).assignment(0, 1, 2, 0, 1)[0]
+    n = int(bad_shard[-7:-4])
+    _write_shards(tmp_path, n + 1, 6, bad=(f"s{n}_4",))  # rewrites shards 0..n, the same but for that image
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+           "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29523", "-m",
+           "diffdistill.cli", "distill", "--method", "lcm", "--num-ddim-timesteps", "10", "--teacher", tiny_sd,
+           "--dataset", pattern, "--max-train-steps", "3", "--batch-size", "4", "--checkpointing-steps", "0",
+           "--validation-steps", "0", "--benchmark-samples", "0", "--lr-warmup-steps", "0", "--log-every", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "true"}
+    r = subprocess.run([*cmd, "--output", str(tmp_path / "run")], capture_output=True, text=True, timeout=600, env=env)
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    # rank 0 never met the image: it stops (exit 3) because the ranks gathered what each met (then torchrun ends
+    # rank 1, if it has not stopped by itself yet)
+    assert r.returncode != 0 and errors, r.stderr[-3000:]
+    assert all(f"1 of 24 images of {pattern}" in e and f"{bad_shard}:s{n}_4 (" in e and "(by step " in e
+               for e in errors), errors
+    assert re.search(r"rank\s*: 0 \(local_rank: 0\)\s*exitcode\s*: 3 ", r.stderr), r.stderr[-3000:]
