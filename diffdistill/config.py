@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 import yaml
 
 from .errors import UserError, require, require_at_least
+from .loading import SINGLE_FILE_HELP
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 FLOAT32_MAX = 3.4028234663852886e38
@@ -140,7 +141,10 @@ class RunConfig:
     """One distillation run: teacher, method, target step count, output folder and the parts above."""
 
     method: str = opt("lcm", "distillation method")
-    teacher: str = opt("assets/digits-sd", "teacher: a diffusers Stable Diffusion folder or hub id")
+    teacher: str = opt("assets/digits-sd", "teacher: a diffusers Stable Diffusion folder, a hub id, or a single-file "
+                                           "checkpoint (.safetensors in the original SD layout; see "
+                                           "--single-file-config)")
+    single_file_config: str = opt("assets/digits-sd", SINGLE_FILE_HELP)
     output: str = opt("", "run folder (pipeline/, checkpoints/, samples/, logs)")
     steps: int = opt(4, "sampling steps the exported student is made for")
     overwrite: bool = opt(False, "replace a finished export in --output")

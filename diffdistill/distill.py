@@ -112,7 +112,7 @@ def run_distill(run: RunConfig, dry_run: bool = False) -> dict:
                                f"the learning rate of phase {phase}")
     teacher = load_teacher(run.teacher, run.revision, run.variant, run.local_files_only,
                            device=accelerator.device, dtype=weight_dtype(run.train.mixed_precision),
-                           safety_checker=not run.drop_safety_checker)
+                           safety_checker=not run.drop_safety_checker, single_file_config=run.single_file_config)
     method.validate(teacher)
     dataset = build_dataset(run.data, teacher.image_size)
     require(len(dataset) > 0, f"--dataset {run.data.dataset}: no examples")

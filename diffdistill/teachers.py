@@ -10,7 +10,16 @@ import torch
 from .data import has_images, require_images
 from .denoiser import Denoiser, NoiseSchedule, scheduler_prediction_type
 from .errors import UserError, require
-from .loading import check_pipeline_folder, check_variant, hub_kwargs, is_hub_id, load_error_line, quiet_loading
+from .loading import (
+    check_pipeline_folder,
+    check_variant,
+    hub_kwargs,
+    is_hub_id,
+    is_single_file,
+    load_error_line,
+    load_single_file,
+    quiet_loading,
+)
 
 SUPPORTED_PIPELINES = ("StableDiffusionPipeline",)
 
@@ -147,8 +156,9 @@ class Teacher:
 
 def load_teacher(source: str, revision: str = "", variant: str = "", local_files_only: bool = False,
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                 safety_checker: bool = False) -> Teacher:
-    """Load a Stable Diffusion teacher from a local folder or a hub id, frozen, with one-line errors.
+                 safety_checker: bool = False, single_file_config: str = "assets/digits-sd") -> Teacher:
+    """Load a Stable Diffusion teacher from a local folder, a hub id or a single-file checkpoint (read with the
+    configs of the folder ``single_file_config``), frozen, with one-line errors.
 
     ``safety_checker=True`` also loads the teacher's safety checker and feature extractor (for the export), kept
     on the CPU in ``Teacher.safety_parts``; the training pipeline ``Teacher.pipe`` never holds them."""
@@ -156,7 +166,9 @@ def load_teacher(source: str, revision: str = "", variant: str = "", local_files
 
     from .solvers import scheduler_from_config
 
-    if is_hub_id(source):
+    if is_single_file(source):
+        kwargs = {}
+    elif is_hub_id(source):
         kwargs = hub_kwargs(revision, local_files_only)
     else:
         check_teacher_folder(source)
@@ -164,13 +176,17 @@ def load_teacher(source: str, revision: str = "", variant: str = "", local_files
         kwargs = {}
     if variant:
         kwargs["variant"] = variant
-    try:
-        with quiet_loading():
-            if not safety_checker:
-                kwargs.update(safety_checker=None, requires_safety_checker=False)
-            pipe = StableDiffusionPipeline.from_pretrained(source, dtype=dtype, **kwargs)
-    except Exception as e:  # noqa: BLE001 - any load failure becomes one line for the user
-        raise UserError(f"cannot load teacher {source!r}: {load_error_line(e)}") from None
+    if not safety_checker:
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    if is_single_file(source):
+        require(not variant, f"--variant {variant} does not apply to the single-file teacher {source}")
+        pipe = load_single_file(source, single_file_config, "teacher", dtype=dtype, **kwargs)
+    else:
+        try:
+            with quiet_loading():
+                pipe = StableDiffusionPipeline.from_pretrained(source, dtype=dtype, **kwargs)
+        except Exception as e:  # noqa: BLE001 - any load failure becomes one line for the user
+            raise UserError(f"cannot load teacher {source!r}: {load_error_line(e)}") from None
     pipe.set_progress_bar_config(disable=True)
     safety_parts = {}
     if pipe.safety_checker is not None:
