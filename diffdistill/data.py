@@ -269,8 +269,9 @@ def shuffled(items: Iterator, size: int, rng: random.Random) -> Iterator:
 class TarShards(IterableDataset):
     """webdataset shards (``KEY.{jpg,png,...}`` + ``KEY.txt`` pairs in tar files), streamed.
 
-    Only the tar headers are read up front (sample names, offsets and sizes: the index); images are read and
-    decoded as the stream reaches them, in the data-loader workers. ``split`` gives one process its stream:
+    Only the tar headers are read up front (to count the samples); each stream reads a shard's headers again when
+    it reaches the shard (sample names, offsets and sizes) and its images as the stream reaches them, in the
+    data-loader workers. ``split`` gives one process its stream:
 
     * shards: in epoch ``e`` all ranks permute the shard list with the same seeded order; rank ``r`` of ``R`` takes
       every R-th shard from ``r``, and data-loader worker ``w`` of ``W`` every W-th of those (``assignment``): the
@@ -281,28 +282,29 @@ class TarShards(IterableDataset):
     * an image that cannot be decoded is replaced by the next decodable sample of the same stream (named under
       ``"skipped"``), so the number of samples, and so every later position, does not depend on the images;
     * resume is exact: the stream of a process that has drawn ``n`` batches is the uninterrupted one from batch
-      ``n`` on. Each worker skips the samples of its batches before ``n`` in its index alone (the shuffle buffer
-      is replayed on sample names; nothing is read or decoded), so resuming costs no I/O, whatever the epoch."""
+      ``n`` on. Each worker skips the samples of its batches before ``n`` on the shards' headers alone (the
+      shuffle buffer is replayed on sample names; no image is read or decoded), so resuming costs no more than
+      reading the tar headers of the skipped shards."""
 
     def __init__(self, pattern: str, resolution: int, shuffle_buffer: int = 1000, max_samples: int = 0):
         shards = expand_braces(pattern)
         missing = [s for s in shards if not Path(s).is_file()]
         require(not missing, f"webdataset shard not found: {', '.join(missing[:3])}")
-        self.index: dict[str, list] = {}
+        self.counts: dict[str, int] = {}  # samples used of each shard (--max-samples cuts the last ones)
         left = max_samples or float("inf")
         for shard in shards:
-            samples = shard_samples(shard)[: int(min(left, 1 << 62))]
-            left -= len(samples)
-            if samples:  # a shard without pairs (or past --max-samples) feeds no stream
-                self.index[shard] = samples
-        require(bool(self.index), f"no image+.txt pairs found in {pattern}")
-        self.shards = list(self.index)
+            n = int(min(len(shard_samples(shard)), left))
+            left -= n
+            if n:  # a shard without pairs (or past --max-samples) feeds no stream
+                self.counts[shard] = n
+        require(bool(self.counts), f"no image+.txt pairs found in {pattern}")
+        self.shards = list(self.counts)
         self.pattern, self.resolution, self.shuffle_buffer = pattern, resolution, shuffle_buffer
         self.bad_files: list[str] = []  # nothing is screened up front: undecodable images are met in the stream
         self.rank, self.world, self.seed, self.batch_size, self.skip_batches = 0, 1, 0, 1, 0
 
     def __len__(self) -> int:
-        return sum(len(samples) for samples in self.index.values())
+        return sum(self.counts.values())
 
     def split(self, rank: int, world: int, seed: int, batch_size: int, skip_batches: int = 0) -> TarShards:
         """This dataset as rank ``rank`` of ``world`` streams it, batched by ``batch_size``, from batch
@@ -325,9 +327,15 @@ class TarShards(IterableDataset):
         random.Random(f"{self.seed}/shards/{epoch}").shuffle(order)
         return order[rank::world][worker::workers]
 
+    def samples(self, shard: str) -> list[tuple[str, tuple[int, int], tuple[int, int]]]:
+        """The samples of ``shard`` this dataset uses (``shard_samples``, read again from the headers each time a
+        stream opens the shard: memory holds one shard's index per worker, not the dataset's)."""
+        return shard_samples(shard)[: self.counts[shard]]
+
     def first_captions(self, limit: int) -> list[str]:
         """The captions of the first ``limit`` samples in shard order (for validation prompts)."""
-        refs = itertools.islice(((shard, caption) for shard in self.shards for _, _, caption in self.index[shard]), limit)
+        refs = itertools.islice(((shard, caption) for shard in self.shards for _, _, caption in self.samples(shard)),
+                                limit)
         return [_read(shard, caption).decode("utf-8").strip() for shard, caption in refs]
 
     def _samples(self, worker: int, workers: int) -> Iterator[tuple[str, str, tuple, tuple]]:
@@ -335,7 +343,7 @@ class TarShards(IterableDataset):
         for epoch in itertools.count():
             rng = random.Random(f"{self.seed}/samples/{epoch}/{self.rank}/{worker}")
             refs = ((shard, *sample) for shard in self.assignment(epoch, self.rank, self.world, worker, workers)
-                    for sample in self.index[shard])
+                    for sample in self.samples(shard))
             yield from shuffled(refs, self.shuffle_buffer, rng)
 
     def __iter__(self) -> Iterator[dict]:
@@ -354,7 +362,9 @@ class TarShards(IterableDataset):
                 with _open_image(io.BytesIO(_read(shard, image))) as im:
                     pixels = _to_tensor(im, self.resolution)
             except DECODE_ERRORS as e:
-                skipped.append(f"{name} ({first_line(e)})")
+                # PIL names the in-memory file by its address: left out, so each meeting reads the same
+                reason = re.sub(r" <_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", first_line(e))
+                skipped.append(f"{name} ({reason})")
                 if len(skipped) > len(self):
                     raise RunFailed(f"none of the images that {self.pattern} gives this stream can be decoded; "
                                     f"first: {skipped[0]}") from None
