@@ -1,4 +1,5 @@
-"""Data sources: digits, imagefolder + metadata.jsonl, webdataset tar shards, prompt lists, config errors."""
+"""Data sources: digits, imagefolder + metadata.jsonl/csv, prompt lists, config errors, --cache-latents (webdataset
+ shards: test_streaming.py)."""
 
 from __future__ import annotations
 
