@@ -281,7 +281,8 @@ class TarShards(IterableDataset):
       at an epoch's end, and the DataLoader takes batch ``k`` from worker ``k % W`` (whole batches per worker);
     * an image that cannot be decoded is replaced by the next decodable sample of the same stream (named under
       ``"skipped"``), so the number of samples, and so every later position, does not depend on the images;
-    * resume is exact: the stream of a process that has drawn ``n`` batches is the uninterrupted one from batch
+    * resume is exact (with the same seed, batch size, number of processes and of data-loader workers, which
+      shape the streams): the stream of a process that has drawn ``n`` batches is the uninterrupted one from batch
       ``n`` on. Each worker skips the samples of its batches before ``n`` on the shards' headers alone (the
       shuffle buffer is replayed on sample names; no image is read or decoded), so resuming costs no more than
       reading the tar headers of the skipped shards."""

@@ -129,6 +129,9 @@ def test_distill_a_few_steps_on_shards_counts_an_undecodable_image(tiny_sd, tmp_
     # more streams than shards: one line, exit status 2, nothing written
     assert main([*argv, "--output", str(tmp_path / "few"), "--dataloader-num-workers", "3"]) == 2
     assert "give at least 3 shards" in capsys.readouterr().err and not (tmp_path / "few").exists()
+    assert main([*argv, "--output", str(tmp_path / "cached"), "--cache-latents"]) == 2
+    assert "--cache-latents needs a dataset that fits in memory" in capsys.readouterr().err
+    assert not (tmp_path / "cached").exists()
 
 
 def test_a_resumed_run_on_shards_trains_exactly_as_an_uninterrupted_one(tiny_sd, tmp_path, one_thread):
