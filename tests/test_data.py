@@ -180,6 +180,7 @@ def _losses(run) -> list[float]:
         return [float(row["loss"]) for row in csv.DictReader(f)]
 
 
+@pytest.mark.slow
 def test_cache_latents_encodes_once_and_trains_the_same(tiny_sd, tmp_path, monkeypatch, one_thread):
     """--cache-latents: the VAE encoder runs once per image before training and never during it, and the losses
     match a run without the cache (the same RNG draws: mean + std * noise, as diffusers' posterior sample)."""

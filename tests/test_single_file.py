@@ -28,6 +28,7 @@ def single_file(tiny_sd, tmp_path_factory):
     return save_single_file(StableDiffusionPipeline.from_pretrained(tiny_sd), path)
 
 
+@pytest.mark.slow
 def test_a_single_file_saved_from_digits_sd_round_trips_with_the_default_config(tmp_path, one_thread):
     """The shipped digits-SD as a single file loads with the default --single-file-config (assets/digits-sd):
     every weight, the scheduler and the VAE scaling factor as in the folder."""
@@ -40,6 +41,7 @@ def test_a_single_file_saved_from_digits_sd_round_trips_with_the_default_config(
     assert torch.equal(again.schedule.alphas_cumprod, shipped.schedule.alphas_cumprod)
 
 
+@pytest.mark.slow
 def test_distill_and_bench_a_single_file_teacher(single_file, tiny_sd, tmp_path, capsys, one_thread):
     out = tmp_path / "run"
     assert main(["distill", "--method", "lcm", "--teacher", single_file, "--single-file-config", tiny_sd,

@@ -109,6 +109,7 @@ def test_an_undecodable_image_in_a_shard_is_replaced_by_the_next_and_named(tmp_p
     assert "skipped" not in items[0] and "skipped" not in items[2]
 
 
+@pytest.mark.slow
 def test_distill_a_few_steps_on_shards_counts_an_undecodable_image(tiny_sd, tmp_path, capsys, one_thread):
     from diffdistill.cli import main
 
@@ -134,6 +135,7 @@ def test_distill_a_few_steps_on_shards_counts_an_undecodable_image(tiny_sd, tmp_
     assert not (tmp_path / "cached").exists()
 
 
+@pytest.mark.slow
 def test_a_resumed_run_on_shards_trains_exactly_as_an_uninterrupted_one(tiny_sd, tmp_path, one_thread):
     """Through an epoch's end, two data-loader workers, a shuffle buffer and an undecodable image."""
     from test_integrity import _trainer
