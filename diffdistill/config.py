@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 import yaml
 
 from .errors import UserError, require, require_at_least
+from .loading import SINGLE_FILE_HELP
 from .sharding import SHARDING
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -124,6 +125,12 @@ class DataConfig:
     dataloader_num_workers: int = opt(0, "DataLoader worker processes")
     max_bad_image_fraction: float = opt(0.01, "images that cannot be decoded are skipped and named on stderr; the "
                                               "run fails (one line) only if more than this fraction of them is bad")
+    cache_latents: bool = opt(False, "encode every training image once, before training, to its VAE posterior (mean "
+                                     "and std, kept in memory) and draw each step's latents from it with the run's RNG, "
+                                     "as without the cache: the same training, minus a VAE encoder pass per batch "
+                                     "(image datasets that fit in memory; not webdataset shards)")
+    shuffle_buffer: int = opt(1000, "webdataset shards: samples held in the shuffle buffer of each data-loader "
+                                    "worker (1: no shuffling within shards)")
 
     FORMER_OPTIONS: ClassVar[dict[str, str]] = {
         "uncond_prob": "was removed: no method trains a network that is ever queried without its prompt (the "
@@ -134,6 +141,7 @@ class DataConfig:
         require(self.resolution >= 0, f"--resolution must be >= 0, got {self.resolution}")
         require(self.max_samples >= 0, f"--max-samples must be >= 0, got {self.max_samples}")
         require(self.dataloader_num_workers >= 0, f"--dataloader-num-workers must be >= 0, got {self.dataloader_num_workers}")
+        require(self.shuffle_buffer >= 1, f"--shuffle-buffer must be >= 1, got {self.shuffle_buffer}")
         require(0 <= self.max_bad_image_fraction <= 1,
                 f"--max-bad-image-fraction must be in [0, 1], got {self.max_bad_image_fraction}")
 
@@ -143,7 +151,10 @@ class RunConfig:
     """One distillation run: teacher, method, target step count, output folder and the parts above."""
 
     method: str = opt("lcm", "distillation method")
-    teacher: str = opt("assets/digits-sd", "teacher: a diffusers Stable Diffusion folder or hub id")
+    teacher: str = opt("assets/digits-sd", "teacher: a diffusers Stable Diffusion folder, a hub id, or a single-file "
+                                           "checkpoint (.safetensors in the original SD layout; see "
+                                           "--single-file-config)")
+    single_file_config: str = opt("assets/digits-sd", SINGLE_FILE_HELP)
     output: str = opt("", "run folder (pipeline/, checkpoints/, samples/, logs)")
     steps: int = opt(4, "sampling steps the exported student is made for")
     overwrite: bool = opt(False, "replace a finished export in --output")

@@ -6,29 +6,35 @@ Sources, chosen from ``DataConfig.dataset``:
   * a folder with ``metadata.jsonl`` or ``metadata.csv`` (HF ``imagefolder`` layout: ``file_name`` + a caption
     column, ``text`` by default), in the folder or in its ``train/`` split folder;
   * webdataset shards: ``*.tar`` files (brace patterns like ``data-{000..009}.tar`` allowed) holding
-    ``KEY.jpg|png|webp`` + ``KEY.txt`` pairs, read with the standard library;
+    ``KEY.jpg|png|webp`` + ``KEY.txt`` pairs, streamed (``TarShards``, an IterableDataset, standard library only);
   * a ``.txt`` file: one prompt per line, no images;
   * anything else: a HF dataset name or path, through the optional ``datasets`` package.
 """
 
 from __future__ import annotations
 
+import copy
 import csv
 import io
+import itertools
 import json
+import random
 import re
 import sys
 import tarfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, IterableDataset
 
 from .config import DataConfig
 from .errors import RunFailed, UserError, first_line, require
 
 # Image files the data loaders and the bench reference folders read; a tar sample takes the first one present.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+# PIL's ways of saying that an image's data is broken when it is decoded.
+DECODE_ERRORS = (OSError, SyntaxError, ValueError)
 
 
 def _to_tensor(image, resolution: int) -> torch.Tensor:
@@ -92,7 +98,7 @@ class DecodedImages(Dataset):
             try:
                 with self._open(j) as im:
                     item = {"pixel_values": _to_tensor(im, self.resolution), "prompt": self.captions[j]}
-            except (OSError, SyntaxError, ValueError) as e:  # PIL's ways of saying the data is broken
+            except DECODE_ERRORS as e:
                 skipped.append(f"{self.names[j]} ({first_line(e)})")
                 continue
             return {**item, "skipped": skipped} if skipped else item
@@ -218,38 +224,157 @@ def expand_braces(pattern: str) -> list[str]:
     return out
 
 
-class TarShardDataset(DecodedImages):
-    """webdataset-style tar shards of ``KEY.{jpg,png,...}`` + ``KEY.txt`` pairs (loaded into memory index)."""
+def shard_samples(shard: str) -> list[tuple[str, tuple[int, int], tuple[int, int]]]:
+    """``(key, (offset, size) of the image, (offset, size) of the caption)`` of each ``KEY.{png,jpg,...}`` +
+    ``KEY.txt`` pair of a tar shard, in the shard's order, from its headers alone (tarfile seeks past the data)."""
+    groups: dict[str, dict[str, tuple[int, int]]] = {}
+    try:
+        with tarfile.open(shard) as tar:
+            for member in tar:
+                if member.isfile():
+                    key, _, ext = member.name.rpartition(".")
+                    groups.setdefault(key, {})["." + ext.lower()] = (member.offset_data, member.size)
+    except tarfile.TarError as e:
+        raise UserError(f"{shard} is not a readable tar shard: {e}") from None
+    samples = []
+    for key, parts in groups.items():
+        image = next((parts[s] for s in IMAGE_SUFFIXES if s in parts), None)
+        if image is not None and ".txt" in parts:
+            samples.append((key, image, parts[".txt"]))
+    return samples
 
-    def __init__(self, pattern: str, resolution: int, max_bad_fraction: float = 0.01):
+
+def _read(path: str, span: tuple[int, int]) -> bytes:
+    """``size`` bytes of the file at ``offset`` (one member of a tar shard)."""
+    with open(path, "rb") as f:
+        f.seek(span[0])
+        return f.read(span[1])
+
+
+def shuffled(items: Iterator, size: int, rng: random.Random) -> Iterator:
+    """The items through a shuffle buffer of ``size`` (webdataset's shuffle: each new item takes the place of a
+    random one of the buffer, which is yielded; the rest in random order at the end); ``size`` 1 keeps the order."""
+    buffer: list = []
+    for item in items:
+        if len(buffer) < size:
+            buffer.append(item)
+            continue
+        j = rng.randrange(size)
+        yield buffer[j]
+        buffer[j] = item
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+class TarShards(IterableDataset):
+    """webdataset shards (``KEY.{jpg,png,...}`` + ``KEY.txt`` pairs in tar files), streamed.
+
+    Only the tar headers are read up front (to count the samples); each stream reads a shard's headers again when
+    it reaches the shard (sample names, offsets and sizes) and its images as the stream reaches them, in the
+    data-loader workers. ``split`` gives one process its stream:
+
+    * shards: in epoch ``e`` all ranks permute the shard list with the same seeded order; rank ``r`` of ``R`` takes
+      every R-th shard from ``r``, and data-loader worker ``w`` of ``W`` every W-th of those (``assignment``): the
+      R x W streams read disjoint shards that cover the list (so there must be at least R x W shards);
+    * samples: each worker's samples of an epoch pass a shuffle buffer (``--shuffle-buffer``) seeded by (seed,
+      epoch, rank, worker); each worker streams epoch after epoch without end, so ranks never wait on each other
+      at an epoch's end, and the DataLoader takes batch ``k`` from worker ``k % W`` (whole batches per worker);
+    * an image that cannot be decoded is replaced by the next decodable sample of the same stream (named under
+      ``"skipped"``), so the number of samples, and so every later position, does not depend on the images;
+    * resume is exact (with the same seed, batch size, number of processes and of data-loader workers, which
+      shape the streams): the stream of a process that has drawn ``n`` batches is the uninterrupted one from batch
+      ``n`` on. Each worker skips the samples of its batches before ``n`` on the shards' headers alone (the
+      shuffle buffer is replayed on sample names; no image is read or decoded), so resuming costs no more than
+      reading the tar headers of the skipped shards."""
+
+    def __init__(self, pattern: str, resolution: int, shuffle_buffer: int = 1000, max_samples: int = 0):
         shards = expand_braces(pattern)
         missing = [s for s in shards if not Path(s).is_file()]
         require(not missing, f"webdataset shard not found: {', '.join(missing[:3])}")
-        samples: list[tuple[bytes, str]] = []
-        self.names = []
+        self.counts: dict[str, int] = {}  # samples used of each shard (--max-samples cuts the last ones)
+        left = max_samples or float("inf")
         for shard in shards:
-            groups: dict[str, dict[str, bytes]] = {}
-            try:
-                with tarfile.open(shard) as tar:
-                    for member in tar.getmembers():
-                        if not member.isfile():
-                            continue
-                        key, _, ext = member.name.rpartition(".")
-                        groups.setdefault(key, {})["." + ext.lower()] = tar.extractfile(member).read()
-            except tarfile.TarError as e:
-                raise UserError(f"{shard} is not a readable tar shard: {e}") from None
-            for key, parts in sorted(groups.items()):
-                img = next((parts[s] for s in IMAGE_SUFFIXES if s in parts), None)
-                if img is not None and ".txt" in parts:
-                    samples.append((img, parts[".txt"].decode("utf-8").strip()))
-                    self.names.append(f"{shard}:{key}")
-        require(bool(samples), f"no image+.txt pairs found in {pattern}")
-        samples = self._screen(samples, lambda sample: _open_image(io.BytesIO(sample[0])), max_bad_fraction, pattern)
-        self.images, self.captions = [data for data, _ in samples], [caption for _, caption in samples]
-        self.resolution = resolution
+            n = int(min(len(shard_samples(shard)), left))
+            left -= n
+            if n:  # a shard without pairs (or past --max-samples) feeds no stream
+                self.counts[shard] = n
+        require(bool(self.counts), f"no image+.txt pairs found in {pattern}")
+        self.shards = list(self.counts)
+        self.pattern, self.resolution, self.shuffle_buffer = pattern, resolution, shuffle_buffer
+        self.bad_files: list[str] = []  # nothing is screened up front: undecodable images are met in the stream
+        self.rank, self.world, self.seed, self.batch_size, self.skip_batches = 0, 1, 0, 1, 0
 
-    def _open(self, i: int):
-        return _open_image(io.BytesIO(self.images[i]))
+    def __len__(self) -> int:
+        return sum(self.counts.values())
+
+    def split(self, rank: int, world: int, seed: int, batch_size: int, skip_batches: int = 0) -> TarShards:
+        """This dataset as rank ``rank`` of ``world`` streams it, batched by ``batch_size``, from batch
+        ``skip_batches`` of that rank on."""
+        part = copy.copy(self)
+        part.rank, part.world, part.seed, part.batch_size, part.skip_batches = rank, world, seed, batch_size, skip_batches
+        return part
+
+    def require_streams(self, world: int, workers: int) -> None:
+        """One-line UserError unless every one of ``world`` x ``workers`` streams gets a shard."""
+        streams = world * max(1, workers)
+        require(len(self.shards) >= streams,
+                f"{self.pattern}: {len(self.shards)} shard(s) with samples cannot feed {world} process(es) x "
+                f"{max(1, workers)} data-loader worker(s): each reads whole shards of its own, so give at least "
+                f"{streams} shards (or fewer --dataloader-num-workers)")
+
+    def assignment(self, epoch: int, rank: int, world: int, worker: int, workers: int) -> list[str]:
+        """The shards that ``worker`` of ``workers`` on rank ``rank`` of ``world`` reads in ``epoch``, in order."""
+        order = list(self.shards)
+        random.Random(f"{self.seed}/shards/{epoch}").shuffle(order)
+        return order[rank::world][worker::workers]
+
+    def samples(self, shard: str) -> list[tuple[str, tuple[int, int], tuple[int, int]]]:
+        """The samples of ``shard`` this dataset uses (``shard_samples``, read again from the headers each time a
+        stream opens the shard: memory holds one shard's index per worker, not the dataset's)."""
+        return shard_samples(shard)[: self.counts[shard]]
+
+    def first_captions(self, limit: int) -> list[str]:
+        """The captions of the first ``limit`` samples in shard order (for validation prompts)."""
+        refs = itertools.islice(((shard, caption) for shard in self.shards for _, _, caption in self.samples(shard)),
+                                limit)
+        return [_read(shard, caption).decode("utf-8").strip() for shard, caption in refs]
+
+    def _samples(self, worker: int, workers: int) -> Iterator[tuple[str, str, tuple, tuple]]:
+        """This worker's (shard, key, image span, caption span), epoch after epoch, shuffled, without end."""
+        for epoch in itertools.count():
+            rng = random.Random(f"{self.seed}/samples/{epoch}/{self.rank}/{worker}")
+            refs = ((shard, *sample) for shard in self.assignment(epoch, self.rank, self.world, worker, workers)
+                    for sample in self.samples(shard))
+            yield from shuffled(refs, self.shuffle_buffer, rng)
+
+    def __iter__(self) -> Iterator[dict]:
+        info = torch.utils.data.get_worker_info()
+        loader_worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        # Batch k of this rank comes from stream k % W. A loader that starts at batch n asks its worker j for its
+        # batch j, which is batch n + j: worker j plays stream (n + j) % W, which made ceil((n - w) / W) of the
+        # first n batches.
+        worker = (loader_worker + self.skip_batches) % workers
+        done = max(0, -(-(self.skip_batches - worker) // workers))
+        refs = itertools.islice(self._samples(worker, workers), done * self.batch_size, None)
+        skipped: list[str] = []
+        for shard, key, image, caption in refs:
+            name = f"{shard}:{key}"
+            try:
+                with _open_image(io.BytesIO(_read(shard, image))) as im:
+                    pixels = _to_tensor(im, self.resolution)
+            except DECODE_ERRORS as e:
+                # PIL names the in-memory file by its address: left out, so each meeting reads the same
+                reason = re.sub(r" <_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", first_line(e))
+                skipped.append(f"{name} ({reason})")
+                if len(skipped) > len(self):
+                    raise RunFailed(f"none of the images that {self.pattern} gives this stream can be decoded; "
+                                    f"first: {skipped[0]}") from None
+                continue
+            item = {"pixel_values": pixels, "prompt": _read(shard, caption).decode("utf-8").strip()}
+            # The undecodable samples before this one each stand at their own position, replaced by this one.
+            for k in range(len(skipped) + 1):
+                yield {**item, "skipped": skipped} if skipped and k == 0 else item
+            skipped = []
 
 
 class PromptDataset(Dataset):
@@ -300,7 +425,7 @@ def build_dataset(cfg: DataConfig, resolution: int) -> Dataset:
     elif p.is_dir():
         ds = ImageFolderDataset(p, cfg.caption_column, res, cfg.max_bad_image_fraction)
     elif src.endswith(".tar") or re.search(r"\.tar$", src.replace("}", "")):
-        ds = TarShardDataset(src, res, cfg.max_bad_image_fraction)
+        return TarShards(src, res, cfg.shuffle_buffer, cfg.max_samples)
     elif src.endswith(".txt"):
         require(p.is_file(), f"prompt file not found: {src}")
         ds = PromptDataset(p)
@@ -319,14 +444,48 @@ def validation_prompts(cfg: DataConfig, dataset: Dataset) -> list[str]:
         from .digits import DIGIT_PROMPTS
 
         return list(DIGIT_PROMPTS)
+    captions = (dataset.first_captions(200) if isinstance(dataset, TarShards)
+                else (dataset[i]["prompt"] for i in range(min(len(dataset), 200))))
     prompts: list[str] = []
-    for i in range(min(len(dataset), 200)):
-        item = dataset[i]
-        if item["prompt"] not in prompts:
-            prompts.append(item["prompt"])
+    for caption in captions:
+        if caption not in prompts:
+            prompts.append(caption)
         if len(prompts) == 10:
             break
     return prompts
+
+
+class LatentCache(Dataset):
+    """An image dataset with each image replaced by its VAE posterior, computed once (``--cache-latents``): items
+    ``{"latent_mean", "latent_std": (C, h, w) unscaled, "prompt"}`` (and ``"skipped"`` where the source replaced an
+    undecodable image, noted when the item is drawn, as without the cache). ``encode`` maps a (B, 3, H, W) image
+    batch in [-1, 1] to that batch's (mean, std); the tensors stay on the CPU, two latents per image."""
+
+    def __init__(self, dataset: Dataset, encode, batch_size: int):
+        means, stds, self.items = [], [], []
+        for start in range(0, len(dataset), batch_size):
+            items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+            mean, std = encode(torch.stack([it["pixel_values"] for it in items]))
+            means.append(mean.float().cpu())
+            stds.append(std.float().cpu())
+            self.items += [{k: v for k, v in it.items() if k != "pixel_values"} for it in items]
+        self.mean, self.std = torch.cat(means), torch.cat(stds)  # (N, C, h, w) each
+        self.bad_files = bad_image_files(dataset)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"latent_mean": self.mean[i], "latent_std": self.std[i], **self.items[i]}
+
+
+# The keys of an item (and a batch) that carry its image: decoded pixels, or a cached VAE posterior.
+IMAGE_KEYS = ("pixel_values", "latent_mean")
+
+
+def has_images(batch: dict) -> bool:
+    """Whether a batch carries images (pixels or cached latents) rather than prompts alone."""
+    return any(key in batch for key in IMAGE_KEYS)
 
 
 def require_images(has_images: bool, what: str) -> None:
@@ -345,11 +504,12 @@ def bad_image_files(dataset: Dataset) -> list[str]:
 
 
 def collate(items: list[dict]) -> dict:
-    """Stack images, keep prompts as a list of strings (and the files skipped while decoding under ``skipped``)."""
+    """Stack images (or cached latents), keep prompts as a list of strings (and the files skipped while decoding under ``skipped``)."""
     batch: dict = {"prompt": [it["prompt"] for it in items]}
     skipped = [name for it in items for name in it.get("skipped", ())]
     if skipped:
         batch["skipped"] = skipped
-    if "pixel_values" in items[0]:
-        batch["pixel_values"] = torch.stack([it["pixel_values"] for it in items])
+    for key in ("pixel_values", "latent_mean", "latent_std"):
+        if key in items[0]:
+            batch[key] = torch.stack([it[key] for it in items])
     return batch

@@ -20,7 +20,7 @@ import torch
 
 from .checkpoint import new_run_id, require_sharding, resolve_resume
 from .config import RunConfig, require_adam_step_fits, save_yaml, to_dict
-from .data import build_dataset, holds_images, require_images
+from .data import LatentCache, TarShards, build_dataset, holds_images, require_images
 from .errors import require
 from .export import export_student
 from .methods import build_method_config, get_method
@@ -128,15 +128,19 @@ def run_distill(run: RunConfig, dry_run: bool = False) -> dict:
                                f"the learning rate of phase {phase}")
     teacher = load_teacher(run.teacher, run.revision, run.variant, run.local_files_only,
                            device=accelerator.device, dtype=weight_dtype(run.train.mixed_precision),
-                           safety_checker=not run.drop_safety_checker)
+                           safety_checker=not run.drop_safety_checker, single_file_config=run.single_file_config)
     method.validate(teacher)
     dataset = build_dataset(run.data, teacher.image_size)
     require(len(dataset) > 0, f"--dataset {run.data.dataset}: no examples")
     if method.needs_images() is not None:
         require_images(holds_images(dataset), method.needs_images())
+    if isinstance(dataset, TarShards):
+        dataset.require_streams(accelerator.num_processes, run.data.dataloader_num_workers)
     resume = resolve_resume(run.train.resume_from_checkpoint, out / "checkpoints", run_id, warn=None)
     if resume is not None:  # a sharded checkpoint resumes only as it was written (checked before any write)
         require_sharding(resume, accelerator.num_processes if run.train.sharding == "fsdp2" else 0)
+    if run.data.cache_latents:
+        dataset = cache_latents(dataset, teacher, run.train.batch_size, accelerator)
 
     # Input is valid: from here on the output folder is written.
     lock = claim_run_folder(out, run) if accelerator.is_main_process else None
@@ -146,6 +150,18 @@ def run_distill(run: RunConfig, dry_run: bool = False) -> dict:
     finally:
         if lock is not None:
             lock.release()
+
+
+def cache_latents(dataset, teacher, batch_size: int, accelerator) -> LatentCache:
+    """``--cache-latents``: the dataset with every image encoded once to its VAE posterior (every rank encodes the
+    whole dataset, before the run folder is written; a resumed run encodes it again)."""
+    require(holds_images(dataset), "--cache-latents needs images: --dataset must hold images, not only prompts")
+    require(not isinstance(dataset, torch.utils.data.IterableDataset),
+            "--cache-latents needs a dataset that fits in memory; webdataset shards stream instead: drop --cache-latents")
+    t0 = time.time()
+    cached = LatentCache(dataset, teacher.encode_posterior, batch_size)
+    accelerator.print(f"[diffdistill] cached the VAE latents of {len(cached)} images in {time.time() - t0:.1f} s")
+    return cached
 
 
 def _train_and_export(run: RunConfig, method, teacher, dataset, out: Path, resolved: dict, accelerator) -> dict:

@@ -49,7 +49,7 @@ def export_checkpoint(run_dir: str, checkpoint: str, output: str, overwrite: boo
     ckpt = resolve_resume(checkpoint, rd / "checkpoints", run_id_of(rd))
     require(ckpt is not None, f"no checkpoint in {rd / 'checkpoints'}")
     teacher = load_teacher(run.teacher, run.revision, run.variant, run.local_files_only,
-                           safety_checker=not run.drop_safety_checker)
+                           safety_checker=not run.drop_safety_checker, single_file_config=run.single_file_config)
     method = spec.method_cls(method_cfg, run)
     method.validate(teacher)
     prompt = validation_prompts(run.data, build_dataset(run.data, teacher.image_size))[0]

@@ -15,7 +15,8 @@ def check_pipeline_folder(path: str | Path, what: str = "pipeline folder") -> di
     """The model_index.json of a saved diffusers pipeline folder; a one-line UserError for anything else."""
     folder = Path(path)
     require(folder.exists(), f"{what} not found: {folder}")
-    require(folder.is_dir(), f"{what} {folder} is a file, not a diffusers pipeline folder")
+    require(folder.is_dir(), f"{what} {folder} is a file, not a diffusers pipeline folder (a single-file "
+                             "checkpoint is a .safetensors file)")
     index_file = folder / "model_index.json"
     require(index_file.is_file(), f"{what} {folder} is not a diffusers pipeline (no model_index.json)")
     try:
@@ -71,9 +72,13 @@ def load_error_line(e: BaseException) -> str:
     return refused_pickle(e) or first_line(e)
 
 
-def local_pipeline(source: str, revision: str, variant: str, local_files_only: bool, what: str) -> str:
+def local_pipeline(source: str, revision: str, variant: str, local_files_only: bool, what: str,
+                   single_file_config: str = "") -> str:
     """A local diffusers pipeline folder for ``source``, checked (layout, weights of ``variant``): the folder
-    itself, or the hub snapshot of a hub id (downloaded unless ``local_files_only``); one-line UserErrors."""
+    itself, the hub snapshot of a hub id (downloaded unless ``local_files_only``), or a single-file checkpoint
+    converted with ``single_file_config`` (``single_file_folder``); one-line UserErrors."""
+    if is_single_file(source) and single_file_config:
+        return single_file_folder(source, single_file_config, what)
     if is_hub_id(source):
         from diffusers import DiffusionPipeline
 
@@ -86,6 +91,64 @@ def local_pipeline(source: str, revision: str, variant: str, local_files_only: b
     check_pipeline_folder(source, what)
     check_variant(source, variant, what)
     return source
+
+
+SINGLE_FILE_HELP = ("diffusers Stable Diffusion folder whose configs, tokenizer and scheduler a single-file "
+                    "checkpoint (one .safetensors in the original SD layout) is read with: one of the same family "
+                    "and size")
+
+
+def is_single_file(source: str) -> bool:
+    """A local file given where a pipeline is expected: a single-file checkpoint (or a mistake)."""
+    return Path(source).is_file()
+
+
+def load_single_file(path: str, config: str, what: str, **kwargs):
+    """``StableDiffusionPipeline.from_single_file(path, config=config, local_files_only=True, **kwargs)``, offline,
+    with one-line UserErrors: a file that is not .safetensors (a pickled .ckpt is refused), a config that is no
+    Stable Diffusion folder, weights that do not fit the config's architecture."""
+    from diffusers import StableDiffusionPipeline
+
+    require(Path(path).suffix == ".safetensors",
+            f"{what} {path} is a file but not a .safetensors single-file checkpoint (a .ckpt or .pt file is a pickle, "
+            "which could run any code when loaded: convert it to .safetensors from a source you trust)")
+    index = check_pipeline_folder(config, "--single-file-config folder")
+    require(index.get("_class_name") == "StableDiffusionPipeline",
+            f"--single-file-config {config} is a {index.get('_class_name')}, not a StableDiffusionPipeline folder")
+    hint = f"--single-file-config must name a diffusers folder of the same family and size as {path}"
+    try:
+        with quiet_loading():
+            pipe = StableDiffusionPipeline.from_single_file(str(path), config=str(config), local_files_only=True,
+                                                            **kwargs)
+    except Exception as e:  # noqa: BLE001 - diffusers raises ValueError, KeyError, its own errors: one line each
+        # diffusers' size-mismatch message goes on to advise overwriting the weights with random ones: cut that
+        reason = first_line(e).split(" If you want to instead overwrite")[0].rstrip(".")
+        reason = re.sub(r"^Cannot load +because ", "the config's ", reason)
+        raise UserError(f"cannot load {what} {path} with the configs of {config}: {reason}; {hint}") from None
+    empty = [name for name in ("unet", "vae", "text_encoder")
+             if any(p.device.type == "meta" for p in getattr(pipe, name).parameters())]
+    require(not empty, f"cannot load {what} {path} with the configs of {config}: the file holds no weights for "
+                       f"parts of its {', '.join(empty)}; {hint}")
+    return pipe
+
+
+def single_file_folder(path: str, config: str, what: str) -> str:
+    """A single-file checkpoint converted to a diffusers folder (``<temporary>/<file stem>``, removed when the
+    process exits) with the config folder's diffdistill.json, for code that reads pipeline folders (bench)."""
+    import atexit
+    import shutil
+    import tempfile
+
+    pipe = load_single_file(path, config, what)
+    root = tempfile.mkdtemp(prefix="diffdistill-single-file-")
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    folder = Path(root) / Path(path).stem
+    with quiet_loading():
+        pipe.save_pretrained(str(folder), safe_serialization=True)
+    marker = Path(config) / "diffdistill.json"
+    if marker.is_file():  # the family's marker (e.g. digits: the bench's default reference and prompts)
+        shutil.copyfile(marker, folder / marker.name)
+    return str(folder)
 
 
 def weight_variants(folder: str | Path) -> dict[str, set[str]]:

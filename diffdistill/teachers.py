@@ -7,10 +7,19 @@ from pathlib import Path
 
 import torch
 
-from .data import require_images
+from .data import has_images, require_images
 from .denoiser import Denoiser, NoiseSchedule, scheduler_prediction_type
 from .errors import UserError, require
-from .loading import check_pipeline_folder, check_variant, hub_kwargs, is_hub_id, load_error_line, quiet_loading
+from .loading import (
+    check_pipeline_folder,
+    check_variant,
+    hub_kwargs,
+    is_hub_id,
+    is_single_file,
+    load_error_line,
+    load_single_file,
+    quiet_loading,
+)
 
 SUPPORTED_PIPELINES = ("StableDiffusionPipeline",)
 
@@ -88,9 +97,14 @@ class Teacher:
 
     def encode_batch(self, batch: dict, what: str) -> dict:
         """A data batch -> {"latents", "cond", "uncond"} for methods that learn from images (``what`` names the method)."""
-        require_images("pixel_values" in batch, what)
+        require_images(has_images(batch), what)
         device = self.unet.device
-        return {"latents": self.encode_images(batch["pixel_values"].to(device)),
+        latents = (self.sample_latents(batch["latent_mean"], batch["latent_std"]) if "latent_mean" in batch
+                   else self.encode_images(batch["pixel_values"].to(device)))
+        # Contiguous either way: the posterior's mean is a channel slice of the encoder output, and torch's CPU
+        # randn_like draws other numbers for a strided tensor than for a contiguous one of the same shape, so the
+        # methods' noise would differ between the cached and the uncached latents.
+        return {"latents": latents.contiguous(),
                 "cond": self.encode_prompts(batch["prompt"], device), "uncond": self.encode_prompts([""], device)}
 
     @torch.no_grad()
@@ -99,6 +113,23 @@ class Teacher:
         vae = self.vae
         post = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist
         return post.sample(generator) * vae.config.scaling_factor
+
+    @torch.no_grad()
+    def encode_posterior(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images in [-1, 1] (B, 3, H, W) -> the VAE posterior's mean and std (B, C, h, w), unscaled."""
+        vae = self.vae
+        post = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist
+        return post.mean, post.std
+
+    @torch.no_grad()
+    def sample_latents(self, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+        """Scaled latents (B, C, h, w) drawn from a cached posterior exactly as ``encode_images`` draws them:
+        diffusers' DiagonalGaussianDistribution.sample (mean + std * randn_tensor) on the run's RNG."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        vae = self.vae
+        mean, std = mean.to(device=vae.device, dtype=vae.dtype), std.to(device=vae.device, dtype=vae.dtype)
+        return (mean + std * randn_tensor(mean.shape, device=vae.device, dtype=vae.dtype)) * vae.config.scaling_factor
 
     @torch.no_grad()
     def sample(self, cond: torch.Tensor, uncond: torch.Tensor, guidance_scale: float, steps: int,
@@ -125,8 +156,9 @@ class Teacher:
 
 def load_teacher(source: str, revision: str = "", variant: str = "", local_files_only: bool = False,
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                 safety_checker: bool = False) -> Teacher:
-    """Load a Stable Diffusion teacher from a local folder or a hub id, frozen, with one-line errors.
+                 safety_checker: bool = False, single_file_config: str = "assets/digits-sd") -> Teacher:
+    """Load a Stable Diffusion teacher from a local folder, a hub id or a single-file checkpoint (read with the
+    configs of the folder ``single_file_config``), frozen, with one-line errors.
 
     ``safety_checker=True`` also loads the teacher's safety checker and feature extractor (for the export), kept
     on the CPU in ``Teacher.safety_parts``; the training pipeline ``Teacher.pipe`` never holds them."""
@@ -134,7 +166,9 @@ def load_teacher(source: str, revision: str = "", variant: str = "", local_files
 
     from .solvers import scheduler_from_config
 
-    if is_hub_id(source):
+    if is_single_file(source):
+        kwargs = {}
+    elif is_hub_id(source):
         kwargs = hub_kwargs(revision, local_files_only)
     else:
         check_teacher_folder(source)
@@ -142,13 +176,17 @@ def load_teacher(source: str, revision: str = "", variant: str = "", local_files
         kwargs = {}
     if variant:
         kwargs["variant"] = variant
-    try:
-        with quiet_loading():
-            if not safety_checker:
-                kwargs.update(safety_checker=None, requires_safety_checker=False)
-            pipe = StableDiffusionPipeline.from_pretrained(source, dtype=dtype, **kwargs)
-    except Exception as e:  # noqa: BLE001 - any load failure becomes one line for the user
-        raise UserError(f"cannot load teacher {source!r}: {load_error_line(e)}") from None
+    if not safety_checker:
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    if is_single_file(source):
+        require(not variant, f"--variant {variant} does not apply to the single-file teacher {source}")
+        pipe = load_single_file(source, single_file_config, "teacher", dtype=dtype, **kwargs)
+    else:
+        try:
+            with quiet_loading():
+                pipe = StableDiffusionPipeline.from_pretrained(source, dtype=dtype, **kwargs)
+        except Exception as e:  # noqa: BLE001 - any load failure becomes one line for the user
+            raise UserError(f"cannot load teacher {source!r}: {load_error_line(e)}") from None
     pipe.set_progress_bar_config(disable=True)
     safety_parts = {}
     if pipe.safety_checker is not None:

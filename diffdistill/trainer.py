@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 
 from .checkpoint import (
     CHECKPOINT_PREFIX,
@@ -148,6 +148,7 @@ class Trainer:
         self.step = 0
         self.batches_seen = 0  # global count of micro-batches drawn, for exact data-order resume
         self.skipped_images: list[str] = bad_image_files(dataset)  # dropped at build time, then met undecodable
+        self._met: list[str] = []  # undecodable images this rank met that the ranks have not agreed on yet
         self.ema = None
         self.saved_step: int | None = None  # step of this run's newest checkpoint on disk
         self.sharded = self.cfg.sharding == "fsdp2"  # FSDP2: the trainer shards the state modules (sharding.py)
@@ -250,38 +251,75 @@ class Trainer:
         return [perm[i: i + global_bs][acc.process_index * bs: (acc.process_index + 1) * bs]
                 for i in range(0, usable, global_bs)]
 
-    def _batch_stream(self):
-        """Yield collated batches forever, starting at micro-batch ``self.batches_seen``."""
+    def _epoch_loaders(self):
+        """One DataLoader per epoch, without end, from micro-batch ``self.batches_seen`` on (map-style datasets)."""
         per_epoch = len(self._epoch_batches(0))
         epoch, offset = divmod(self.batches_seen, per_epoch)
         while True:
-            index_batches = self._epoch_batches(epoch)[offset:]
             # An own generator: a DataLoader without one draws its worker seed from the global RNG,
             # which would make a resumed run's noise differ from an uninterrupted one.
-            loader = DataLoader(self.dataset, batch_sampler=index_batches, collate_fn=collate,
-                                num_workers=self.run.data.dataloader_num_workers,
-                                generator=torch.Generator().manual_seed(self.cfg.seed + epoch))
-            try:
+            yield DataLoader(self.dataset, batch_sampler=self._epoch_batches(epoch)[offset:], collate_fn=collate,
+                             num_workers=self.run.data.dataloader_num_workers,
+                             generator=torch.Generator().manual_seed(self.cfg.seed + epoch))
+            epoch, offset = epoch + 1, 0
+
+    def _stream_loader(self) -> DataLoader:
+        """The one DataLoader of a streamed dataset (``data.TarShards``): this rank's shards, without end, from
+        micro-batch ``self.batches_seen`` on (the stream skips what was drawn before, see its docstring)."""
+        acc, bs = self.accelerator, self.cfg.batch_size
+        stream = self.dataset.split(acc.process_index, acc.num_processes, self.cfg.seed, bs, self.batches_seen)
+        return DataLoader(stream, batch_size=bs, collate_fn=collate, num_workers=self.run.data.dataloader_num_workers,
+                          generator=torch.Generator().manual_seed(self.cfg.seed))
+
+    def _batch_stream(self):
+        """Yield collated batches forever, starting at micro-batch ``self.batches_seen``."""
+        streamed = isinstance(self.dataset, IterableDataset)
+        loaders = iter([self._stream_loader()]) if streamed else self._epoch_loaders()
+        try:
+            for loader in loaders:
                 for batch in loader:
                     self.batches_seen += 1
                     self._note_skipped(batch.pop("skipped", []))
                     yield batch
-            except RunFailed as e:  # an unreadable image met mid-run (in a worker: its traceback text)
-                message = str(e).strip().splitlines()[-1].split(f"{type(e).__name__}: ", 1)[-1]
-                raise RunFailed(f"{message} (at step {self.step + 1}){self._last_good_note()}") from None
-            epoch, offset = epoch + 1, 0
+        except RunFailed as e:  # an unreadable image met mid-run (in a worker: its traceback text)
+            message = str(e).strip().splitlines()[-1].split(f"{type(e).__name__}: ", 1)[-1]
+            raise RunFailed(f"{message} (at step {self.step + 1}){self._last_good_note()}") from None
 
     def _note_skipped(self, skipped: list[str]) -> None:
-        """Name each newly met undecodable image on stderr (the dataset replaced it, see ``data.DecodedImages``);
-        RunFailed once more than --max-bad-image-fraction of the images are bad."""
-        new = [name for name in dict.fromkeys(skipped) if name not in self.skipped_images]
+        """Take the undecodable images a batch met (the dataset replaced them, see ``data.DecodedImages`` and
+        ``data.TarShards``): at once in a single process; with several, held until ``_agree_on_skipped``."""
+        new = [name for name in dict.fromkeys(skipped) if name not in self.skipped_images and name not in self._met]
+        if self.accelerator.num_processes == 1:
+            self._admit_skipped(new)
+        else:
+            self._met += new
+
+    def _agree_on_skipped(self) -> None:
+        """Several processes: every rank gathers the undecodable images all ranks met since the last call and
+        applies the --max-bad-image-fraction check to the same union, at the same step (each log step), so all
+        ranks go on or all stop together (a rank that stopped alone would leave the others waiting in DDP)."""
+        if self.accelerator.num_processes == 1:
+            return
+        from accelerate.utils import gather_object
+
+        met, self._met = gather_object([self._met]), []
+        try:
+            self._admit_skipped([name for names in met for name in names])
+        except RunFailed as e:
+            raise RunFailed(f"{e} (by step {self.step}){self._last_good_note()}") from None
+
+    def _admit_skipped(self, names: list[str]) -> None:
+        """Count the newly met undecodable images and name them on stderr (main process); RunFailed once more than
+        --max-bad-image-fraction of the dataset's images (those dropped when it was built included) are bad."""
+        new = [name for name in dict.fromkeys(names) if name not in self.skipped_images]
         self.skipped_images += new
         if new:  # checked first: a failing run prints its one error line alone
             dropped = len(bad_image_files(self.dataset))
             require_few_bad(len(self.skipped_images), len(self.dataset) + dropped,
                             self.run.data.max_bad_image_fraction, self.run.data.dataset, new, error=RunFailed)
-        for name in new:
-            print(f"warning: skipping undecodable image {name}", file=sys.stderr, flush=True)
+        if self.accelerator.is_main_process:
+            for name in new:
+                print(f"warning: skipping undecodable image {name}", file=sys.stderr, flush=True)
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path:
@@ -493,6 +531,7 @@ class Trainer:
                     log_sums[k] = (total + v, n + 1)
                 bar.update(1)
                 if self.step % cfg.log_every == 0 or self.step == cfg.max_train_steps:
+                    self._agree_on_skipped()
                     last_logs = self._flush_logs(log_sums, t0, steps_at_start, bar)
                 if cfg.checkpointing_steps and self.step % cfg.checkpointing_steps == 0:
                     self.save_checkpoint()
@@ -507,6 +546,7 @@ class Trainer:
                               "finishing the run here")
                     break
             if log_sums:  # stopped between log intervals (--max-train-minutes)
+                self._agree_on_skipped()
                 last_logs = self._flush_logs(log_sums, t0, steps_at_start, bar)
             self._export_stages(self.method.before_step(self.step))
             if self.saved_step != self.step:  # this run's own final checkpoint, whatever else lies in the folder

@@ -264,7 +264,7 @@ def _bad_cases(tiny_sd: str, tmp: Path):
          "--method dmd with --gan-weight > 0 needs images"),
         (["sds", "--prompt", "a", "--seed", "-1"], "--seed must be in [0, 2**32), got -1"),
         (["distill", "--teacher", str(tmp / "missing")], f"teacher not found: {tmp / 'missing'}"),
-        (["distill", "--teacher", str(afile)], "is a file, not a diffusers pipeline folder"),
+        (["distill", "--teacher", str(afile)], "is a file but not a .safetensors single-file checkpoint"),
         (["distill", "--teacher", str(notpipe)], "is not a diffusers pipeline (no model_index.json)"),
         ([*d, "--steps", "0"], "--steps must be > 0, got 0"),
         ([*d, "--steps", "four"], "--steps expects an integer, got 'four'"),

@@ -1,17 +1,17 @@
-"""Data sources: digits, imagefolder + metadata.jsonl, webdataset tar shards, prompt lists, config errors."""
+"""Data sources: digits, imagefolder + metadata.jsonl/csv, prompt lists, config errors, --cache-latents (webdataset
+ shards: test_streaming.py)."""
 
 from __future__ import annotations
 
 import io
 import json
-import tarfile
 
 import pytest
 import torch
 from PIL import Image
 
 from diffdistill.config import DataConfig
-from diffdistill.data import build_dataset, collate, expand_braces
+from diffdistill.data import build_dataset, collate
 from diffdistill.errors import UserError
 
 
@@ -47,20 +47,6 @@ def test_imagefolder_with_metadata(tmp_path):
     assert torch.allclose(batch["pixel_values"][0, 1], -torch.ones(16, 16))
 
 
-def test_webdataset_shards_with_brace_pattern(tmp_path):
-    for shard in range(2):
-        with tarfile.open(tmp_path / f"data-{shard:03d}.tar", "w") as tar:
-            for k in range(3):
-                for name, data in ((f"s{shard}_{k}.png", _png((k * 80, 0, 0))), (f"s{shard}_{k}.txt", f"cap {k}".encode())):
-                    info = tarfile.TarInfo(name)
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
-    pattern = str(tmp_path / "data-{000..001}.tar")
-    assert len(expand_braces(pattern)) == 2
-    ds = build_dataset(DataConfig(dataset=pattern, max_samples=5), 8)
-    assert len(ds) == 5 and ds[0]["pixel_values"].shape == (3, 8, 8) and ds[0]["prompt"] == "cap 0"
-
-
 def test_prompt_file(tmp_path):
     f = tmp_path / "prompts.txt"
     f.write_text("a cat\n\na dog\n")
@@ -73,6 +59,7 @@ def test_prompt_file(tmp_path):
     (lambda p: str(p / "missing.txt"), r"prompt file not found: .*missing\.txt"),
     (lambda p: str(p / "nope") + "/", r"nope/': no such folder or file"),
     (lambda p: str(p / "x-{000..001}.tar"), r"webdataset shard not found: .*x-000\.tar, .*x-001\.tar"),
+    (lambda p: (p / "x.tar").write_bytes(b"not a tar" * 100) and str(p / "x.tar"), r"x\.tar is not a readable tar shard"),
 ])
 def test_bad_sources(tmp_path, make, msg):
     with pytest.raises(UserError, match=msg):
@@ -132,18 +119,6 @@ def test_too_many_unreadable_images_is_one_line_naming_the_flag(tmp_path):
         DataConfig(max_bad_image_fraction=2)
 
 
-def test_unreadable_images_in_webdataset_shards_are_dropped(tmp_path, capsys):
-    with tarfile.open(tmp_path / "d.tar", "w") as tar:
-        for key, img in (("a", _png((1, 0, 0))), ("b", b"not an image"), ("c", _png((2, 0, 0)))):
-            for name, data in ((f"{key}.png", img), (f"{key}.txt", key.encode())):
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    ds = build_dataset(DataConfig(dataset=str(tmp_path / "d.tar"), max_bad_image_fraction=0.5), 8)
-    assert [ds[i]["prompt"] for i in range(len(ds))] == ["a", "c"]
-    assert f"{tmp_path / 'd.tar'}:b" in capsys.readouterr().err
-
-
 def test_hf_imagefolder_layouts_train_split_and_metadata_csv(tmp_path):
     train = tmp_path / "train"
     (train / "sub").mkdir(parents=True)
@@ -196,3 +171,36 @@ def test_hf_dataset_rows_that_fail_to_decode_are_replaced_and_named(monkeypatch)
     item = ds[1]
     assert item["prompt"] == "two" and item["skipped"] == ["someone/digits[1] (image file is truncated)"]
     assert [ds[i]["prompt"] for i in (0, 2)] == ["zero", "two"]
+
+
+def _losses(run) -> list[float]:
+    import csv
+
+    with (run / "logs.csv").open() as f:
+        return [float(row["loss"]) for row in csv.DictReader(f)]
+
+
+@pytest.mark.slow
+def test_cache_latents_encodes_once_and_trains_the_same(tiny_sd, tmp_path, monkeypatch, one_thread):
+    """--cache-latents: the VAE encoder runs once per image before training and never during it, and the losses
+    match a run without the cache (the same RNG draws: mean + std * noise, as diffusers' posterior sample)."""
+    from diffusers import AutoencoderKL
+    from tolerance import assert_close_at_scale
+
+    from diffdistill.cli import main
+
+    encoded = []
+    real_encode = AutoencoderKL.encode
+    monkeypatch.setattr(AutoencoderKL, "encode", lambda self, x, *a, **k: encoded.append(x.shape[0])
+                        or real_encode(self, x, *a, **k))
+    argv = ["distill", "--method", "lcm", "--teacher", tiny_sd, "--max-samples", "10", "--batch-size", "4",
+            "--max-train-steps", "3", "--log-every", "1", "--checkpointing-steps", "0", "--validation-steps", "0",
+            "--benchmark-samples", "0", "--num-ddim-timesteps", "10", "--lr-warmup-steps", "0"]
+    assert main([*argv, "--output", str(tmp_path / "plain")]) == 0
+    assert encoded == [4, 4, 4]  # one encoder pass per training batch
+    encoded.clear()
+    assert main([*argv, "--output", str(tmp_path / "cached"), "--cache-latents"]) == 0
+    assert encoded == [4, 4, 2]  # the 10 images, once, in batches of --batch-size; none while training
+    plain, cached = torch.tensor(_losses(tmp_path / "plain")), torch.tensor(_losses(tmp_path / "cached"))
+    assert len(plain) == 3 and plain.std() > 0
+    assert_close_at_scale(cached, plain, rel=1e-4)

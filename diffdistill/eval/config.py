@@ -20,7 +20,7 @@ from diffdistill.config import opt
 from diffdistill.digits import DATASET_KEY, DIGIT_PROMPTS, DIGITS_DATASET, caption_to_label
 from diffdistill.errors import UserError, require
 from diffdistill.eval import fidelity
-from diffdistill.loading import local_pipeline
+from diffdistill.loading import SINGLE_FILE_HELP, local_pipeline
 from diffdistill.outputs import check_writable
 
 DEFAULT_STEPS = "1,2,4,8,50"
@@ -187,10 +187,12 @@ def read_prompts(path: str | Path | None) -> list[str]:
 
 
 def unique_labels(pipelines: list[str]) -> list[str]:
-    """Default line labels: folder names, with ``-2``, ``-3``... appended to repeats."""
+    """Default line labels: folder names (a single-file checkpoint's file name without .safetensors), with ``-2``,
+    ``-3``... appended to repeats."""
     labels, seen = [], {}
     for p in pipelines:
-        name = Path(p).resolve().name or str(p)
+        path = Path(p).resolve()
+        name = (path.stem if path.is_file() else path.name) or str(p)
         seen[name] = seen.get(name, 0) + 1
         labels.append(name if seen[name] == 1 else f"{name}-{seen[name]}")
     return labels
@@ -248,6 +250,8 @@ class BenchConfig:
 
     pipelines: list[str] = opt([], "saved diffusers pipeline folders (or hub ids) to benchmark")
     variant: str = opt("", "weights variant to load, e.g. fp16 ('' = the plain weights), as distill's --variant")
+    single_file_config: str = opt("assets/digits-sd", SINGLE_FILE_HELP + " (a pipeline given as a .safetensors file "
+                                                      "is converted to a temporary folder, named after the file)")
     revision: str = opt("", "hub revision of hub-id pipelines ('' = default branch)")
     local_files_only: bool = opt(False, "never contact the hub for hub-id pipelines (set HF_HUB_OFFLINE=1 for the same)")
     output: str = opt("", "folder to write the report into (required; must be new, empty, or an earlier report)")
@@ -307,8 +311,8 @@ class BenchConfig:
         require(len(self.pipelines) > 0, "give at least one pipeline folder")
         require(bool(self.output), "--output is required")
         names = [str(p) for p in self.pipelines]
-        self.pipelines = [local_pipeline(p, self.revision, self.variant, self.local_files_only, "pipeline folder")
-                          for p in names]
+        self.pipelines = [local_pipeline(p, self.revision, self.variant, self.local_files_only, "pipeline folder",
+                                         self.single_file_config) for p in names]
         self.steps = parse_steps(self.steps)
         self.guidance = parse_guidance(self.guidance)
         self.schedulers = parse_names(self.schedulers) or ["default"]

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import RunConfig, opt
+from ..data import has_images
 from ..denoiser import TIMESTEP_SCALING, Denoiser, consistency_output, one_step_sample
 from ..errors import require, require_at_least
 from ..features import FeatureHead, ImageFeatureNetwork, TeacherFeatureNetwork, frozen, use_classic_attention
@@ -234,7 +235,7 @@ class AdversarialDistillation(RegressionPoolState, DistillMethod):
 
     def _prepare(self, batch: dict) -> dict:
         teacher = self.teacher
-        if "pixel_values" in batch:
+        if has_images(batch):
             return teacher.encode_batch(batch, "adversarial distillation")
         # LADD's synthetic data: the teacher's own guided samples stand in for real images.
         device = teacher.unet.device
