@@ -286,7 +286,7 @@ def _bad_cases(tiny_sd: str, tmp: Path):
         ([*d, "--method", "progressive", "--steps", "3"], "nearest valid values: 2, 4"),
         ([*d, "--method", "add", "--feature-network", "dinov2-giant"],
          "--feature-network 'dinov2-giant': not 'teacher' and not a local model folder"),
-        ([*d, "--method", "dmd", "--steps", "4"], "--steps must be 1"),
+        ([*d, "--method", "sds", "--steps", "4"], "--steps must be 1"),
         (["distill", "--teacher", tiny_sd, "--output", str(afile / "sub")], f"{afile} exists and is not a folder"),
         (["bench", str(tmp / "missing"), "--steps", "1", "--output", "OUT"], f"pipeline folder not found: {tmp / 'missing'}"),
         (["bench", str(notpipe), "--steps", "1", "--output", "OUT"],

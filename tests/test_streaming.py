@@ -184,4 +184,6 @@ def test_two_processes_on_shards_agree_on_undecodable_images(tiny_sd, tmp_path):
     assert r.returncode != 0 and errors, r.stderr[-3000:]
     assert all(f"1 of 24 images of {pattern}" in e and f"{bad_shard}:s{n}_4 (" in e and "(by step " in e
                for e in errors), errors
-    assert re.search(r"rank\s*: 0 \(local_rank: 0\)\s*exitcode\s*: 3 ", r.stderr), r.stderr[-3000:]
+    # rank 0 stopped by itself: it printed its own error line (each rank prints one), or exited with status 3 before
+    # torchrun could end it (which of the two ranks exits first is a race)
+    assert len(errors) == 2 or re.search(r"rank\s*: 0 \(local_rank: 0\)\s*exitcode\s*: 3 ", r.stderr), r.stderr[-3000:]
