@@ -106,7 +106,7 @@ def consistency_loss(student: Denoiser, teacher: Denoiser, batch: dict, cfg: Con
         def guided_teacher(x, tt):
             return teacher.x0_eps(x, tt, cond, uncond, guidance_scale=w)
 
-        x_s = get_solver(cfg.solver)(guided_teacher, x_t, t, s, schedule)
+        x_s = get_solver(cfg.solver, schedule)(guided_teacher, x_t, t, s, schedule)
         tgt = target if target is not None else student
         x0_target, _ = tgt.x0_eps(x_s, s, cond, guidance_scale=w)
         f_target = consistency_output(x_s, x0_target, s, cfg.timestep_scaling)
