@@ -103,6 +103,10 @@ class NoiseSchedule(AffineSchedule):
         """The timestep the network is given at training timesteps t: a UNet of a discrete schedule takes t itself."""
         return t
 
+    def with_clean_end(self) -> NoiseSchedule:
+        """The same schedule with the step past t = 0 going to the clean sample (alpha = 1), as Euler presets do."""
+        return NoiseSchedule(self.alphas_cumprod, final_alphas_cumprod=1.0)
+
 
 def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
     """The static timestep shift shift * sigma / (1 + (shift - 1) sigma) (Esser et al. 2024, eq. 23; SD3)."""
@@ -171,6 +175,10 @@ class FlowMatchSchedule(AffineSchedule):
     def _alpha_sigma(self, t):
         sigma = self.sigma_at(t)
         return 1.0 - sigma, sigma
+
+    def with_clean_end(self) -> FlowMatchSchedule:
+        """Itself: the step past the first training timestep already goes to sigma = 0."""
+        return self
 
     def model_timestep(self, t: torch.Tensor) -> torch.Tensor:
         """sigma_t * timestep_scale (float32): the timestep diffusers' flow pipelines give the transformer."""

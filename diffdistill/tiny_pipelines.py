@@ -92,8 +92,8 @@ def build_text_encoder(tokenizer, seed: int):
     return model
 
 
-def build_vae():
-    """AutoencoderKL 3x32x32 <-> 4x8x8 (three blocks, two downsamplings)."""
+def build_vae(**overrides):
+    """AutoencoderKL 3x32x32 <-> 4x8x8 (three blocks, two downsamplings); ``overrides``: e.g. SD3's shift_factor."""
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
@@ -106,6 +106,7 @@ def build_vae():
         latent_channels=4,
         norm_num_groups=32,
         sample_size=32,
+        **overrides,
     )
 
 
@@ -221,3 +222,63 @@ def save_sd15_sized_pipeline(folder: Path, tiny: bool) -> None:
                                    scheduler=build_scheduler(), safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     pipe.save_pretrained(str(folder), safe_serialization=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Tiny flow-matching families (tests): SD3's MMDiT with its CLIP pair and no T5
+# --------------------------------------------------------------------------------------------------
+
+SD3_SHIFT = 3.0  # SD3's own scheduler shift, so that tests exercise the shifted schedule
+TINY_SD3_TRANSFORMER = dict(
+    sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
+    num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=32,
+    pos_embed_max_size=16,
+)
+
+
+def build_clip_with_projection(tokenizer, seed: int, width: int = 16):
+    """A tiny frozen CLIPTextModelWithProjection (the text encoders of SDXL's second and SD3's two CLIPs)."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=1,
+        num_attention_heads=2, max_position_embeddings=TOKENIZER_MAX_LENGTH, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, projection_dim=width)
+    return CLIPTextModelWithProjection(config).eval().requires_grad_(False)
+
+
+def build_t5(tokenizer, seed: int, width: int = 32):
+    """A tiny frozen T5EncoderModel over the digits tokenizer's ids (SD3's third and Flux's second encoder)."""
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    config = T5Config(vocab_size=len(tokenizer), d_model=width, d_kv=8, d_ff=2 * width, num_layers=1, num_heads=2,
+                      pad_token_id=tokenizer.pad_token_id)
+    return T5EncoderModel(config).eval().requires_grad_(False)
+
+
+def build_sd3_pipeline(seed: int = 0, shift: float = SD3_SHIFT, t5: bool = True):
+    """An untrained tiny StableDiffusion3Pipeline: a 2-block SD3Transformer2DModel on 4x8x8 latents, two CLIP
+    text encoders of width 16 (joint 2 x 16 = 32 = joint_attention_dim; pooled 16 + 16 = 32), a tiny T5 of
+    width 32 over the same digits vocabulary (``t5=False``: ``text_encoder_3=None``, the T5 tokens are zeros,
+    as SD3 runs without T5), digits-SD's VAE and a ``FlowMatchEulerDiscreteScheduler`` with SD3's shift."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer, tokenizer_2, tokenizer_3 = (build_tokenizer(Path(tmp) / f"tok{i}") for i in range(3))
+    text_encoder, text_encoder_2 = build_clip_with_projection(tokenizer, seed), build_clip_with_projection(tokenizer_2, seed + 1)
+    text_encoder_3 = build_t5(tokenizer_3, seed + 2) if t5 else None
+    torch.manual_seed(seed)
+    vae = build_vae(shift_factor=0.1)  # SD3's and Flux's VAEs shift latents before scaling them
+    transformer = SD3Transformer2DModel(**TINY_SD3_TRANSFORMER)
+    return StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=shift),
+                                    vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                                    text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
+                                    text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3 if t5 else None)
+
+
+def save_sd3_pipeline(folder: str | Path, seed: int = 0, t5: bool = True) -> str:
+    """``build_sd3_pipeline(seed, t5=t5)`` saved to ``folder`` as safetensors; returns the folder as a string."""
+    build_sd3_pipeline(seed, t5=t5).save_pretrained(str(folder), safe_serialization=True)
+    return str(folder)

@@ -26,8 +26,8 @@ import torch
 from ..config import RunConfig, opt
 from ..denoiser import TIMESTEP_SCALING, Denoiser, consistency_output
 from ..errors import require
-from ..solvers import SOLVERS, get_solver, lcm_grid, lcm_scheduler
-from ..students import GUIDANCE_EMBED_DIM, student_from_teacher
+from ..solvers import SOLVERS, get_solver, lcm_grid
+from ..students import GUIDANCE_EMBED_DIM
 from .base import DistillMethod
 from .guidance import GuidanceRangeOptions
 
@@ -127,10 +127,6 @@ def ema_update(target: torch.nn.Module, online: torch.nn.Module, decay: float) -
         pt.lerp_(po.detach().to(pt.dtype), 1.0 - decay)
 
 
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
-                "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj"]
-
-
 class ConsistencyDistillation(DistillMethod):
     """``--method lcm``: latent consistency distillation with guidance embedding, full or LoRA."""
 
@@ -158,17 +154,20 @@ class ConsistencyDistillation(DistillMethod):
                 f"--num-ddim-timesteps ({self.cfg.num_ddim_timesteps}) exceeds the teacher's {t_train} train timesteps")
         require(self.run.steps <= self.cfg.num_ddim_timesteps,
                 f"--steps ({self.run.steps}) must not exceed --num-ddim-timesteps ({self.cfg.num_ddim_timesteps})")
+        require(self.lora or self.cfg.fixed_guidance or teacher.guidance_embedding,
+                f"a {teacher.family} teacher's network has no guidance embedding to train: give one teacher guidance "
+                f"scale (--w-min equal to --w-max), which the student bakes in")
 
     def setup(self, teacher) -> None:
         self.teacher = teacher
         if self.lora:
             from peft import LoraConfig
 
-            self.student = student_from_teacher(teacher.unet)
+            self.student = teacher.make_student()
             self.student.requires_grad_(False)
             rank = self.cfg.lora_rank
             lora_cfg = LoraConfig(r=rank, lora_alpha=self.cfg.lora_alpha or rank, init_lora_weights="gaussian",
-                                  target_modules=LORA_TARGETS)
+                                  target_modules=teacher.lora_targets)
             self.student.add_adapter(lora_cfg)
             for p in self.student.parameters():  # LoRA weights train in fp32 even under mixed precision
                 if p.requires_grad:
@@ -176,14 +175,13 @@ class ConsistencyDistillation(DistillMethod):
         else:
             # One scale: baked in, no embedding to learn (export_pipeline adds an inert one).
             embed_dim = None if self.cfg.fixed_guidance else GUIDANCE_EMBED_DIM
-            self.student = student_from_teacher(teacher.unet, embed_dim)
+            self.student = teacher.make_student(embed_dim)
             if self.cfg.ema_decay > 0:
                 self.target = copy.deepcopy(self.student).requires_grad_(False).eval()
 
     def loss(self, phase: str, batch: dict, step: int):
-        sched, pt = self.teacher.schedule, self.teacher.prediction_type
-        student = Denoiser(self.student, sched, pt)
-        target = Denoiser(self.target, sched, pt) if self.target is not None else None
+        student = self.teacher.denoiser(self.student)
+        target = self.teacher.denoiser(self.target) if self.target is not None else None
         return consistency_loss(student, self.teacher.denoiser(), self.teacher.encode_batch(batch, self.needs_images()),
                                 self.cfg, target)
 
@@ -215,7 +213,7 @@ class ConsistencyDistillation(DistillMethod):
             if isinstance(module, BaseTunerLayer):
                 module.merge()
         state = {k.replace(".base_layer.", "."): v for k, v in merged.state_dict().items() if "lora_" not in k}
-        fused = student_from_teacher(self.teacher.unet)
+        fused = self.teacher.make_student()
         fused.load_state_dict(state)
         return fused.eval().requires_grad_(False)
 
@@ -223,8 +221,7 @@ class ConsistencyDistillation(DistillMethod):
         return self.cfg.num_ddim_timesteps
 
     def export_scheduler(self, teacher_scheduler):
-        return lcm_scheduler(teacher_scheduler, self.cfg.num_ddim_timesteps, self.cfg.timestep_scaling,
-                             self.teacher.prediction_type)
+        return self.teacher.consistency_scheduler(teacher_scheduler, self.cfg.num_ddim_timesteps, self.cfg.timestep_scaling)
 
     def lora_state_dict(self, unwrap):
         if not self.lora:

@@ -21,11 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from ..config import RunConfig, opt
-from ..denoiser import TIMESTEP_SCALING, Denoiser, one_step_sample
+from ..denoiser import TIMESTEP_SCALING, Denoiser, one_step_sample, unet_call
 from ..errors import require, require_at_least
-from ..features import FeatureHead, FeatureTaps, frozen, unet_stage_modules
-from ..solvers import lcm_scheduler
-from ..students import student_from_teacher
+from ..features import FeatureHead, FeatureTaps, frozen, stage_channels, stage_modules
 from .base import DistillMethod
 from .guidance import TEACHER_GUIDANCE_RENAMED, teacher_guidance_option
 from .regression import RegressionOptions, RegressionPool, RegressionPoolState, regression_loss
@@ -58,10 +56,10 @@ class LatentGenerator(DifferentiableGenerator):
 class OneStepUNetGenerator(DifferentiableGenerator):
     """A one-step student: pure noise at t = T - 1 -> latents, f = c_skip z + c_out x0_hat (denoiser.py)."""
 
-    def __init__(self, unet, schedule, prediction_type: str):
+    def __init__(self, unet, schedule, prediction_type: str, call=unet_call):
         super().__init__()
         self.unet = unet
-        self.denoiser = Denoiser(unet, schedule, prediction_type)
+        self.denoiser = Denoiser(unet, schedule, prediction_type, call=call)
 
     def forward(self, noise: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         return one_step_sample(self.denoiser, noise, cond)
@@ -207,14 +205,13 @@ class ScoreDistillation(RegressionPoolState, DistillMethod):
 
     def setup(self, teacher) -> None:
         self.teacher = teacher
-        self.student = student_from_teacher(teacher.unet)
+        self.student = teacher.make_student()
         if self.use_fake_score:
-            self.fake = student_from_teacher(teacher.unet)
+            self.fake = teacher.make_student()
         self.head = None
         if self.use_fake_score and self.cfg.gan_weight > 0:
-            self.tap = FeatureTaps(unet_stage_modules(self.fake, ["mid"]), always=True)
-            text_dim = teacher.pipe.text_encoder.config.hidden_size
-            self.head = FeatureHead(self.fake.config.block_out_channels[-1], text_dim).to(teacher.unet.device)
+            self.tap = FeatureTaps(stage_modules(self.fake, ["mid"]), always=True)
+            self.head = FeatureHead(stage_channels(self.fake, ["mid"])[0], teacher.cond_dim).to(teacher.unet.device)
         self.pool = RegressionPool(self.cfg.regression_pairs, self.cfg.regression_batch_size)
 
     def trainable_modules(self):
@@ -251,7 +248,8 @@ class ScoreDistillation(RegressionPoolState, DistillMethod):
         return mods
 
     def _generator(self) -> OneStepUNetGenerator:
-        return OneStepUNetGenerator(self.student, self.teacher.schedule, self.teacher.prediction_type)
+        return OneStepUNetGenerator(self.student, self.teacher.schedule, self.teacher.prediction_type,
+                                    call=self.teacher.net_call)
 
     def loss(self, phase: str, batch: dict, step: int):
         device = self.teacher.unet.device
@@ -264,7 +262,7 @@ class ScoreDistillation(RegressionPoolState, DistillMethod):
         if phase == "fake_score":
             with torch.no_grad():
                 samples = self._generator()(noise, cond)
-            fake = Denoiser(self.fake, self.teacher.schedule, self.teacher.prediction_type)
+            fake = self.teacher.denoiser(self.fake)
             if self.head is None:
                 loss = fake_score_loss(fake, samples, cond, t)
                 return loss, {"loss": loss.detach()}
@@ -281,7 +279,7 @@ class ScoreDistillation(RegressionPoolState, DistillMethod):
         gan = None
         if self.use_fake_score:
             fake_net = self.unwrap(self.fake)
-            fake = Denoiser(fake_net, self.teacher.schedule, self.teacher.prediction_type)
+            fake = self.teacher.denoiser(fake_net)
             x_t = fake_x0 = None
             if self.head is not None:
                 x_t = self.teacher.schedule.add_noise(x, torch.randn_like(x), t)
@@ -335,7 +333,7 @@ class ScoreDistillation(RegressionPoolState, DistillMethod):
 
     def export_scheduler(self, teacher_scheduler):
         # One step from t = T - 1 with the same boundary scalings as OneStepUNetGenerator.
-        return lcm_scheduler(teacher_scheduler, 1, TIMESTEP_SCALING, self.teacher.prediction_type)
+        return self.teacher.consistency_scheduler(teacher_scheduler, 1, TIMESTEP_SCALING)
 
     def card_details(self) -> dict:
         c = self.cfg
