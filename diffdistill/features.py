@@ -154,8 +154,19 @@ def use_classic_attention(module: torch.nn.Module) -> torch.nn.Module:
     least), the classic matmul-softmax processor has."""
     from diffusers.models.attention_processor import AttnProcessor
 
+    if is_transformer(module):  # joint (MMDiT) attention has its own processors: see ``math_attention``
+        return module
     module.set_attn_processor(AttnProcessor())
     return module
+
+
+def math_attention(on: bool = True):
+    """Context: scaled_dot_product_attention on PyTorch's math kernel (differentiable twice) when ``on``."""
+    if not on:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH])
 
 
 class FeatureHead(torch.nn.Module):
@@ -182,10 +193,15 @@ class TeacherFeatureNetwork(torch.nn.Module):
     blocks), and its noise embedding. ``denoiser`` (``Teacher.denoiser(unet)``) calls it as its family does
     (default: a UNet called with the timesteps as given)."""
 
-    def __init__(self, unet, denoiser=None):
+    def __init__(self, unet, denoiser=None, double_backward: bool = False):
         super().__init__()
         self.unet = unet
         self._denoiser = denoiser
+        if double_backward:
+            use_classic_attention(unet)
+        # a transformer keeps its joint-attention processors; their SDPA runs on the math kernel, which has
+        # the double backward R1 needs (the fused CPU and flash kernels have none)
+        self._math_attention = double_backward and is_transformer(unet)
         self.taps = FeatureTaps(stage_modules(self.unet), pick=stage_pick(self.unet))
         # the noise-level embedding: a UNet's time_embedding, an MMDiT's time_text_embed (noise level + pooled text)
         temb = self.unet.time_text_embed if is_transformer(self.unet) else self.unet.time_embedding
@@ -203,7 +219,7 @@ class TeacherFeatureNetwork(torch.nn.Module):
 
     def forward(self, latents: torch.Tensor, t: torch.Tensor, text: torch.Tensor):
         """(features per block, conditioning vector = [pooled text, noise-level embedding])."""
-        with self.taps.capture(), self.temb_tap.capture():
+        with self.taps.capture(), self.temb_tap.capture(), math_attention(self._math_attention):
             if self._denoiser is None:
                 self.unet(latents, t, encoder_hidden_states=text)
             else:

@@ -47,3 +47,11 @@ def _fresh_accelerate_state():
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(True)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3(tmp_path_factory):
+    """Path of an untrained (random) tiny SD3 pipeline: MMDiT, CLIP pair + tiny T5, shifted flow matching."""
+    from diffdistill.tiny_pipelines import save_sd3_pipeline
+
+    return save_sd3_pipeline(tmp_path_factory.mktemp("tiny-sd3") / "pipe")

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from ..config import RunConfig, opt
 from ..denoiser import TIMESTEP_SCALING, Denoiser, consistency_output, one_step_sample
 from ..errors import require, require_at_least
-from ..features import FeatureHead, ImageFeatureNetwork, TeacherFeatureNetwork, frozen, use_classic_attention
+from ..features import FeatureHead, ImageFeatureNetwork, TeacherFeatureNetwork, frozen
 from ..solvers import lcm_grid
 from .base import DistillMethod
 from .guidance import TEACHER_GUIDANCE_RENAMED, teacher_guidance_option
@@ -202,9 +202,8 @@ class AdversarialDistillation(RegressionPoolState, DistillMethod):
             import copy
 
             unet = copy.deepcopy(teacher.unet).float().requires_grad_(False).eval()
-            if self.cfg.r1_weight > 0:  # R1 differentiates the discriminator's gradient
-                use_classic_attention(unet)
-            self.features = TeacherFeatureNetwork(unet, teacher.denoiser(unet))
+            # R1 differentiates the discriminator's gradient: attention that has a double backward
+            self.features = TeacherFeatureNetwork(unet, teacher.denoiser(unet), double_backward=self.cfg.r1_weight > 0)
         else:
             self.features = ImageFeatureNetwork(self.cfg.feature_network, teacher.vae, teacher.vae.config.scaling_factor,
                                                 double_backward=self.cfg.r1_weight > 0)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from ..config import RunConfig, opt
 from ..denoiser import TIMESTEP_SCALING, Denoiser, one_step_sample, unet_call
 from ..errors import require, require_at_least
-from ..features import FeatureHead, FeatureTaps, frozen, stage_channels, stage_modules
+from ..features import FeatureHead, FeatureTaps, frozen, stage_channels, stage_modules, stage_pick
 from .base import DistillMethod
 from .guidance import TEACHER_GUIDANCE_RENAMED, teacher_guidance_option
 from .regression import RegressionOptions, RegressionPool, RegressionPoolState, regression_loss
@@ -210,7 +210,7 @@ class ScoreDistillation(RegressionPoolState, DistillMethod):
             self.fake = teacher.make_student()
         self.head = None
         if self.use_fake_score and self.cfg.gan_weight > 0:
-            self.tap = FeatureTaps(stage_modules(self.fake, ["mid"]), always=True)
+            self.tap = FeatureTaps(stage_modules(self.fake, ["mid"]), always=True, pick=stage_pick(self.fake))
             self.head = FeatureHead(stage_channels(self.fake, ["mid"])[0], teacher.cond_dim).to(teacher.unet.device)
         self.pool = RegressionPool(self.cfg.regression_pairs, self.cfg.regression_batch_size)
 

@@ -67,6 +67,7 @@ def load_teacher(source: str, revision: str = "", variant: str = "", local_files
     else:
         info = check_teacher_folder(source)
         check_variant(source, variant, "teacher")
+        FAMILIES[info["_class_name"]].check_folder(source)
         kwargs = {}
     if variant:
         kwargs["variant"] = variant

@@ -45,6 +45,10 @@ class Teacher:
     lora_layers_key = "unet_lora_layers"  # the save_lora_weights argument of the family's pipeline
     guidance_embedding = True  # make_student can give the student a guidance embedding (time_cond_proj_dim)
 
+    @classmethod
+    def check_folder(cls, folder) -> None:
+        """Family-specific checks of a local teacher folder before it is loaded (one-line UserErrors)."""
+
     # --- parts ---------------------------------------------------------------------------------
     @property
     def unet(self):

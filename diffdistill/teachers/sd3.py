@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..denoiser import FlowMatchSchedule
-from ..errors import require
+from ..errors import UserError, require
 from .sd import Teacher
 
 # peft target modules of a LoRA on an MMDiT: the image and the text streams' attention projections
@@ -50,6 +50,21 @@ class SD3Teacher(Teacher):
     guidance_embedding = False
     # diffusers' default T5 length in StableDiffusion3Pipeline.__call__: training conditions on the same tokens
     max_sequence_length = 256
+
+    @classmethod
+    def check_folder(cls, folder) -> None:
+        """The scheduler config must state the timestep shift the teacher was trained with: diffusers would
+        silently fill in 1.0 (no shift), and every noise level of the distillation would be off."""
+        import json
+        from pathlib import Path
+
+        path = Path(folder) / "scheduler" / "scheduler_config.json"
+        try:
+            config = json.loads(path.read_text())
+        except (OSError, ValueError):
+            raise UserError(f"teacher {folder}: cannot read {path}") from None
+        require("shift" in config or config.get("use_dynamic_shifting", False),
+                f"teacher {folder}: {path} has no 'shift' (the flow-matching teacher's timestep shift, e.g. 3.0 for SD3)")
 
     @property
     def unet(self):

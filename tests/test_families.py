@@ -1,0 +1,148 @@
+"""Teacher families beyond SD 1/2 end to end on tiny random models: every method on an SD3 (MMDiT, flow
+matching with shift) teacher trains a few steps through the CLI, exports, and the export samples in a fresh
+process that loads it with plain ``DiffusionPipeline.from_pretrained``; the LoRA loads with
+``load_lora_weights``; bad teachers are one-line errors with exit status 2 and nothing written."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffdistill.cli import main
+
+BASE = ["--max-train-steps", "2", "--batch-size", "2", "--checkpointing-steps", "0", "--validation-steps", "0",
+        "--benchmark-samples", "0", "--lr-warmup-steps", "0", "--learning-rate", "1e-3"]
+# One teacher guidance scale (the MMDiT has no guidance embedding: the student bakes it in).
+METHODS = {
+    "lcm": ["--method", "lcm", "--steps", "2", "--num-ddim-timesteps", "10", "--w-min", "2", "--w-max", "2"],
+    "lcm_lora": ["--method", "lcm", "--steps", "2", "--num-ddim-timesteps", "10", "--w-min", "2", "--w-max", "2",
+                 "--lora-rank", "4", "--ema-decay", "0"],
+    "progressive": ["--method", "progressive", "--steps", "2", "--start-steps", "4", "--iters-per-stage", "1",
+                    "--guidance-iters", "1", "--w-min", "2", "--w-max", "2"],
+    "add": ["--method", "add", "--steps", "1", "--student-timesteps", "2", "--synthetic-steps", "2",
+            "--r1-weight", "0.01"],
+    "dmd": ["--method", "dmd", "--steps", "1", "--gan-weight", "0.1"],
+    "sds": ["--method", "sds", "--steps", "1"],
+}
+
+# A process that never imports diffdistill loads the export with plain diffusers and samples it once, counting
+# the transformer's calls (one pass of one image per step: the guidance is baked in, sampled at scale 1).
+PLAIN_DIFFUSERS = r"""
+import sys, json, torch
+from diffusers import DiffusionPipeline
+pipe = DiffusionPipeline.from_pretrained(sys.argv[1])
+pipe.set_progress_bar_config(disable=True)
+calls = []
+pipe.transformer.register_forward_pre_hook(lambda m, a, k: calls.append(k["hidden_states"].shape[0]), with_kwargs=True)
+img = pipe("a handwritten digit 7", num_inference_steps=int(sys.argv[2]), guidance_scale=1.0, output_type="np").images
+assert "diffdistill" not in sys.modules
+print(json.dumps({"pipeline": type(pipe).__name__, "scheduler": type(pipe.scheduler).__name__, "calls": len(calls),
+                  "batch": max(calls), "shape": list(img.shape), "finite": bool(torch.isfinite(torch.from_numpy(img)).all()),
+                  "sigmas": pipe.scheduler.sigmas.tolist()}))
+"""
+
+
+def _plain_load(folder, steps):
+    r = subprocess.run([sys.executable, "-c", PLAIN_DIFFUSERS, str(folder), str(steps)], capture_output=True,
+                       text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd="/")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_every_method_on_sd3_trains_exports_and_loads_in_plain_diffusers(name, tiny_sd3, tmp_path, one_thread):
+    out = tmp_path / name
+    assert main(["distill", "--teacher", tiny_sd3, "--output", str(out), *BASE, *METHODS[name]]) == 0
+    steps = json.loads((out / "pipeline" / "diffdistill.json").read_text())["num_inference_steps"]
+    info = _plain_load(out / "pipeline", steps)
+    assert info["pipeline"] == "StableDiffusion3Pipeline" and info["scheduler"] == "FlowMatchEulerDiscreteScheduler"
+    assert info["calls"] == steps and info["batch"] == 1 and info["finite"] and info["shape"] == [1, 32, 32, 3]
+    assert info["sigmas"][0] == pytest.approx(1.0)  # the first step starts from pure noise, as every student trains
+    if name == "lcm_lora":
+        from safetensors.torch import load_file
+
+        lora = load_file(str(out / "lora" / "pytorch_lora_weights.safetensors"))
+        assert lora and all(k.startswith("transformer.") for k in lora)
+        assert any("add_q_proj" in k for k in lora)  # the text stream's projections of the joint attention too
+
+
+def test_sd3_lora_loads_into_the_teacher_pipeline_and_equals_the_fused_export(tiny_sd3, tmp_path, one_thread):
+    from diffusers import StableDiffusion3Pipeline
+
+    out = tmp_path / "lora-run"
+    assert main(["distill", "--teacher", tiny_sd3, "--output", str(out), *BASE, *METHODS["lcm_lora"]]) == 0
+    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3)
+    pipe.load_lora_weights(str(out / "lora"))
+    fused = StableDiffusion3Pipeline.from_pretrained(str(out / "pipeline")).transformer
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    kw = dict(timestep=torch.tensor([500.0]), encoder_hidden_states=torch.randn(1, 5, 32),
+              pooled_projections=torch.randn(1, 32))
+    with torch.no_grad():
+        a, b = pipe.transformer(x, **kw).sample, fused(x, **kw).sample
+        base = StableDiffusion3Pipeline.from_pretrained(tiny_sd3).transformer(x, **kw).sample
+    from tolerance import assert_close_at_scale
+
+    assert_close_at_scale(a, b)
+    assert (a - base).abs().max() > 1e-6  # the LoRA was trained: it changes the teacher
+
+
+def _bad_run(teacher, tmp_path, capsys, *extra) -> str:
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert main(["distill", "--teacher", str(teacher), "--output", str(out), *BASE, *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert not out.exists()
+    return err
+
+
+def test_unsupported_pipeline_class_is_one_line_naming_the_supported(tmp_path, capsys):
+    folder = tmp_path / "kandinsky"
+    folder.mkdir()
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyV22Pipeline"}))
+    err = _bad_run(folder, tmp_path, capsys, *METHODS["lcm"])
+    assert "KandinskyV22Pipeline" in err and "StableDiffusionPipeline" in err and "StableDiffusion3Pipeline" in err
+
+
+def test_flow_teacher_without_shift_in_its_scheduler_config_is_refused(tiny_sd3, tmp_path, capsys):
+    teacher = tmp_path / "noshift"
+    shutil.copytree(tiny_sd3, teacher)
+    cfg_path = teacher / "scheduler" / "scheduler_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    del cfg["shift"]
+    cfg_path.write_text(json.dumps(cfg))
+    assert "has no 'shift'" in _bad_run(teacher, tmp_path, capsys, *METHODS["lcm"])
+
+
+def test_guidance_range_on_a_teacher_without_guidance_embedding_is_refused(tiny_sd3, tmp_path, capsys):
+    args = ["--method", "lcm", "--steps", "2", "--num-ddim-timesteps", "10", "--w-min", "1", "--w-max", "2"]
+    assert "no guidance embedding" in _bad_run(tiny_sd3, tmp_path, capsys, *args)
+
+
+def test_sd3_teacher_conditioning_is_what_the_pipeline_computes(tiny_sd3):
+    """The packed conditioning holds StableDiffusion3Pipeline.encode_prompt's tokens and pooled embedding, and
+    the adapter's denoiser call gives the pipeline's own transformer output at sigma * 1000."""
+    from diffdistill.teachers import load_teacher
+
+    teacher = load_teacher(tiny_sd3)
+    assert Path(tiny_sd3).exists() and teacher.family == "sd3" and teacher.prediction_type == "flow"
+    cond = teacher.encode_prompts(["a digit 3", "a digit 5"])
+    tokens, _, pooled, _ = teacher.pipe.encode_prompt(["a digit 3", "a digit 5"], None, None,
+                                                      do_classifier_free_guidance=False)
+    torch.testing.assert_close(cond[:, :-1], tokens)
+    torch.testing.assert_close(cond[:, -1, : pooled.shape[1]], pooled)
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([999, 400])
+    with torch.no_grad():
+        v = teacher.denoiser().model_output(x, t, cond)
+        ref = teacher.unet(hidden_states=x, timestep=teacher.schedule.sigma_at(t).float() * 1000,
+                           encoder_hidden_states=tokens, pooled_projections=pooled).sample
+    torch.testing.assert_close(v, ref)
+    # the scheduler's own training sigmas, shifted by its shift (3.0)
+    torch.testing.assert_close(teacher.schedule.sigmas.flip(0).float(), teacher.scheduler.sigmas, rtol=0, atol=1e-6)
