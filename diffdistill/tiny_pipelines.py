@@ -282,3 +282,41 @@ def save_sd3_pipeline(folder: str | Path, seed: int = 0, t5: bool = True) -> str
     """``build_sd3_pipeline(seed, t5=t5)`` saved to ``folder`` as safetensors; returns the folder as a string."""
     build_sd3_pipeline(seed, t5=t5).save_pretrained(str(folder), safe_serialization=True)
     return str(folder)
+
+
+TINY_SDXL_UNET = dict(
+    sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+    addition_time_embed_dim=8, transformer_layers_per_block=(1, 1), cross_attention_dim=32,
+    projection_class_embeddings_input_dim=8 * 6 + 16, norm_num_groups=32,
+)
+
+
+def build_sdxl_pipeline(seed: int = 0):
+    """An untrained tiny StableDiffusionXLPipeline: SDXL's UNet layout (added text_time conditions, 8-d time ids,
+    pooled width 16) on 4x8x8 latents, a CLIPTextModel and a CLIPTextModelWithProjection of width 16 (joint
+    2 x 16 = 32 = cross_attention_dim), digits-SD's VAE and SD's noise schedule in an EulerDiscreteScheduler."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer, tokenizer_2 = (build_tokenizer(Path(tmp) / f"tok{i}") for i in range(2))
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=TOKENIZER_MAX_LENGTH, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)).eval().requires_grad_(False)
+    text_encoder_2 = build_clip_with_projection(tokenizer_2, seed + 1)
+    torch.manual_seed(seed)
+    vae, unet = build_vae(), UNet2DConditionModel(**TINY_SDXL_UNET)
+    scheduler = EulerDiscreteScheduler.from_config(build_scheduler().config, timestep_spacing="leading", steps_offset=1)
+    return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                     tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler,
+                                     force_zeros_for_empty_prompt=True, add_watermarker=False)
+
+
+def save_sdxl_pipeline(folder: str | Path, seed: int = 0) -> str:
+    """``build_sdxl_pipeline(seed)`` saved to ``folder`` as safetensors; returns the folder as a string."""
+    build_sdxl_pipeline(seed).save_pretrained(str(folder), safe_serialization=True)
+    return str(folder)

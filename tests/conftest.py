@@ -55,3 +55,11 @@ def tiny_sd3(tmp_path_factory):
     from diffdistill.tiny_pipelines import save_sd3_pipeline
 
     return save_sd3_pipeline(tmp_path_factory.mktemp("tiny-sd3") / "pipe")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory):
+    """Path of an untrained (random) tiny SDXL pipeline: added text_time conditions, two CLIP text encoders."""
+    from diffdistill.tiny_pipelines import save_sdxl_pipeline
+
+    return save_sdxl_pipeline(tmp_path_factory.mktemp("tiny-sdxl") / "pipe")

@@ -19,7 +19,8 @@ from diffdistill.cli import main
 
 BASE = ["--max-train-steps", "2", "--batch-size", "2", "--checkpointing-steps", "0", "--validation-steps", "0",
         "--benchmark-samples", "0", "--lr-warmup-steps", "0", "--learning-rate", "1e-3"]
-# One teacher guidance scale (the MMDiT has no guidance embedding: the student bakes it in).
+# SD3: one teacher guidance scale (the MMDiT has no guidance embedding: the student bakes it in). SDXL's UNet
+# takes a guidance embedding, so its LCM trains on a range of scales as LCM-SDXL does.
 METHODS = {
     "lcm": ["--method", "lcm", "--steps", "2", "--num-ddim-timesteps", "10", "--w-min", "2", "--w-max", "2"],
     "lcm_lora": ["--method", "lcm", "--steps", "2", "--num-ddim-timesteps", "10", "--w-min", "2", "--w-max", "2",
@@ -31,46 +32,61 @@ METHODS = {
     "dmd": ["--method", "dmd", "--steps", "1", "--gan-weight", "0.1"],
     "sds": ["--method", "sds", "--steps", "1"],
 }
+FAMILY_METHODS = {"sd3": METHODS, "sdxl": {**METHODS, "lcm": [*METHODS["lcm"][:-4], "--w-min", "1", "--w-max", "3"]}}
+PIPELINES = {"sd3": ("StableDiffusion3Pipeline", "transformer"), "sdxl": ("StableDiffusionXLPipeline", "unet")}
 
-# A process that never imports diffdistill loads the export with plain diffusers and samples it once, counting
-# the transformer's calls (one pass of one image per step: the guidance is baked in, sampled at scale 1).
+# A process that never imports diffdistill loads every export with plain diffusers and samples each once at its
+# step count and recommended guidance_scale, counting the network's calls and their batch.
 PLAIN_DIFFUSERS = r"""
 import sys, json, torch
 from diffusers import DiffusionPipeline
-pipe = DiffusionPipeline.from_pretrained(sys.argv[1])
-pipe.set_progress_bar_config(disable=True)
-calls = []
-pipe.transformer.register_forward_pre_hook(lambda m, a, k: calls.append(k["hidden_states"].shape[0]), with_kwargs=True)
-img = pipe("a handwritten digit 7", num_inference_steps=int(sys.argv[2]), guidance_scale=1.0, output_type="np").images
+out = {}
+for folder, steps, guidance, net in json.loads(sys.argv[1]):
+    pipe = DiffusionPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    calls = []
+    getattr(pipe, net).register_forward_pre_hook(
+        lambda m, a, k: calls.append((a[0] if a else k["hidden_states"]).shape[0]), with_kwargs=True)
+    img = pipe("a handwritten digit 7", num_inference_steps=steps, guidance_scale=guidance, output_type="np").images
+    out[folder] = {"pipeline": type(pipe).__name__, "scheduler": type(pipe.scheduler).__name__, "calls": len(calls),
+                   "batch": max(calls), "shape": list(img.shape),
+                   "finite": bool(torch.isfinite(torch.from_numpy(img)).all())}
 assert "diffdistill" not in sys.modules
-print(json.dumps({"pipeline": type(pipe).__name__, "scheduler": type(pipe.scheduler).__name__, "calls": len(calls),
-                  "batch": max(calls), "shape": list(img.shape), "finite": bool(torch.isfinite(torch.from_numpy(img)).all()),
-                  "sigmas": pipe.scheduler.sigmas.tolist()}))
+print(json.dumps(out))
 """
 
 
-def _plain_load(folder, steps):
-    r = subprocess.run([sys.executable, "-c", PLAIN_DIFFUSERS, str(folder), str(steps)], capture_output=True,
-                       text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd="/")
+def _plain_load(exports: list) -> dict:
+    r = subprocess.run([sys.executable, "-c", PLAIN_DIFFUSERS, json.dumps(exports)], capture_output=True,
+                       text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd="/")
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("name", list(METHODS))
-def test_every_method_on_sd3_trains_exports_and_loads_in_plain_diffusers(name, tiny_sd3, tmp_path, one_thread):
-    out = tmp_path / name
-    assert main(["distill", "--teacher", tiny_sd3, "--output", str(out), *BASE, *METHODS[name]]) == 0
-    steps = json.loads((out / "pipeline" / "diffdistill.json").read_text())["num_inference_steps"]
-    info = _plain_load(out / "pipeline", steps)
-    assert info["pipeline"] == "StableDiffusion3Pipeline" and info["scheduler"] == "FlowMatchEulerDiscreteScheduler"
-    assert info["calls"] == steps and info["batch"] == 1 and info["finite"] and info["shape"] == [1, 32, 32, 3]
-    assert info["sigmas"][0] == pytest.approx(1.0)  # the first step starts from pure noise, as every student trains
-    if name == "lcm_lora":
-        from safetensors.torch import load_file
+@pytest.mark.parametrize("family", ["sd3", "sdxl"])
+def test_every_method_trains_exports_and_loads_in_plain_diffusers(family, request, tmp_path, one_thread):
+    teacher = request.getfixturevalue(f"tiny_{family}")
+    pipeline_cls, net = PIPELINES[family]
+    exports = []
+    for name, args in FAMILY_METHODS[family].items():
+        out = tmp_path / name
+        assert main(["distill", "--teacher", teacher, "--output", str(out), *BASE, *args]) == 0, name
+        info = json.loads((out / "pipeline" / "diffdistill.json").read_text())
+        exports.append([str(out / "pipeline"), info["num_inference_steps"], info["recommended_guidance_scale"], net])
+        if name == "lcm_lora":
+            from safetensors.torch import load_file
 
-        lora = load_file(str(out / "lora" / "pytorch_lora_weights.safetensors"))
-        assert lora and all(k.startswith("transformer.") for k in lora)
-        assert any("add_q_proj" in k for k in lora)  # the text stream's projections of the joint attention too
+            lora = load_file(str(out / "lora" / "pytorch_lora_weights.safetensors"))
+            assert lora and all(k.startswith(f"{net}.") for k in lora), name
+    loaded = _plain_load(exports)
+    for folder, steps, _, _ in exports:
+        info = loaded[folder]
+        assert info["pipeline"] == pipeline_cls, folder
+        # one pass of one image per step: the guidance is in the student (embedding or baked), never a CFG pass
+        assert info["calls"] == steps and info["batch"] == 1 and info["finite"], (folder, info)
+        assert info["shape"] == [1, 32, 32, 3], folder
+        if family == "sd3":
+            assert info["scheduler"] == "FlowMatchEulerDiscreteScheduler", folder
 
 
 def test_sd3_lora_loads_into_the_teacher_pipeline_and_equals_the_fused_export(tiny_sd3, tmp_path, one_thread):

@@ -64,9 +64,12 @@ class DistillMethod:
     @property
     def recommended_guidance_scale(self) -> float:
         """The guidance_scale written into the export's preset and card: --export-guidance-scale when
-        given (>= 0), else the method's ``default_guidance_scale()``."""
+        given (>= 0), else 1 for a teacher family whose network has no guidance embedding (SD3: the guidance
+        is baked in), else the method's ``default_guidance_scale()``."""
         if self.run.export_guidance_scale >= 0:
             return self.run.export_guidance_scale
+        if self.teacher is not None and not self.teacher.guidance_embedding:
+            return 1.0  # the student's guidance is baked in: a pipeline guidance_scale > 1 would add a CFG pass on top
         return self.default_guidance_scale()
 
     def default_guidance_scale(self) -> float:

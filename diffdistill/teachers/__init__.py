@@ -14,12 +14,14 @@ from ..errors import UserError, require
 from ..loading import check_pipeline_folder, check_variant, hub_kwargs, is_hub_id, load_error_line, quiet_loading
 from .sd import PROMPT_CACHE_SIZE, UNET_LORA_TARGETS, Teacher
 from .sd3 import SD3Teacher, sd3_schedule
+from .sdxl import SDXLTeacher
 
-__all__ = ["PROMPT_CACHE_SIZE", "SUPPORTED_PIPELINES", "UNET_LORA_TARGETS", "SD3Teacher", "Teacher",
+__all__ = ["PROMPT_CACHE_SIZE", "SUPPORTED_PIPELINES", "UNET_LORA_TARGETS", "SD3Teacher", "SDXLTeacher", "Teacher",
            "check_teacher_folder", "load_teacher"]
 
 # pipeline class -> adapter
-FAMILIES: dict[str, type[Teacher]] = {"StableDiffusionPipeline": Teacher, "StableDiffusion3Pipeline": SD3Teacher}
+FAMILIES: dict[str, type[Teacher]] = {"StableDiffusionPipeline": Teacher, "StableDiffusionXLPipeline": SDXLTeacher,
+                                      "StableDiffusion3Pipeline": SD3Teacher}
 SUPPORTED_PIPELINES = tuple(FAMILIES)
 # Components a family's folder may leave out (null in model_index.json), which from_pretrained must be told.
 OPTIONAL_PARTS = ("text_encoder_3", "tokenizer_3")
@@ -82,10 +84,11 @@ def load_teacher(source: str, revision: str = "", variant: str = "", local_files
     except Exception as e:  # noqa: BLE001 - any load failure becomes one line for the user
         raise UserError(f"cannot load teacher {source!r}: {load_error_line(e)}") from None
     pipe.set_progress_bar_config(disable=True)
-    if family is Teacher:
-        teacher = _sd_teacher(pipe, source)
+    if family.prediction_type_of_family is None:  # a VP family: the scheduler says
+        teacher = _vp_teacher(family, pipe, source)
     else:
-        teacher = family(pipe=pipe, schedule=sd3_schedule(pipe), prediction_type="flow", source=source)
+        teacher = family(pipe=pipe, schedule=sd3_schedule(pipe), prediction_type=family.prediction_type_of_family,
+                         source=source)
     teacher.absent_parts = absent
     for m in teacher.frozen_parts():
         m.requires_grad_(False)
@@ -96,14 +99,14 @@ def load_teacher(source: str, revision: str = "", variant: str = "", local_files
     return teacher
 
 
-def _sd_teacher(pipe, source: str) -> Teacher:
-    """The SD 1.x/2.x adapter: the safety checker set aside for the export, the VP schedule of the scheduler."""
+def _vp_teacher(family: type[Teacher], pipe, source: str) -> Teacher:
+    """An SD 1.x/2.x or SDXL adapter: the safety checker set aside for the export, the VP schedule of the scheduler."""
     from diffusers import DDPMScheduler
 
     from ..solvers import scheduler_from_config
 
     safety_parts = {}
-    if pipe.safety_checker is not None:
+    if getattr(pipe, "safety_checker", None) is not None:
         safety_parts = {"safety_checker": pipe.safety_checker.requires_grad_(False).eval(),
                         "feature_extractor": pipe.feature_extractor,
                         "requires_safety_checker": bool(pipe.config.requires_safety_checker)}
@@ -115,5 +118,5 @@ def _sd_teacher(pipe, source: str) -> Teacher:
     # The training noise schedule comes from the scheduler config (DDPM holds it without inference state).
     ddpm = scheduler_from_config(DDPMScheduler, pipe.scheduler.config)
     schedule = NoiseSchedule.from_scheduler(ddpm, final_alphas_cumprod=float(ddpm.alphas_cumprod[0]))
-    return Teacher(pipe=pipe, schedule=schedule, prediction_type=scheduler_prediction_type(pipe.scheduler),
-                   source=source, safety_parts=safety_parts)
+    return family(pipe=pipe, schedule=schedule, prediction_type=scheduler_prediction_type(pipe.scheduler),
+                  source=source, safety_parts=safety_parts)

@@ -44,6 +44,7 @@ class Teacher:
     lora_targets = UNET_LORA_TARGETS
     lora_layers_key = "unet_lora_layers"  # the save_lora_weights argument of the family's pipeline
     guidance_embedding = True  # make_student can give the student a guidance embedding (time_cond_proj_dim)
+    prediction_type_of_family = None  # None: the scheduler's (epsilon, v_prediction); "flow" for flow families
 
     @classmethod
     def check_folder(cls, folder) -> None:

@@ -48,6 +48,7 @@ class SD3Teacher(Teacher):
     lora_targets = TRANSFORMER_LORA_TARGETS
     lora_layers_key = "transformer_lora_layers"
     guidance_embedding = False
+    prediction_type_of_family = "flow"
     # diffusers' default T5 length in StableDiffusion3Pipeline.__call__: training conditions on the same tokens
     max_sequence_length = 256
 
