@@ -320,3 +320,78 @@ def save_sdxl_pipeline(folder: str | Path, seed: int = 0) -> str:
     """``build_sdxl_pipeline(seed)`` saved to ``folder`` as safetensors; returns the folder as a string."""
     build_sdxl_pipeline(seed).save_pretrained(str(folder), safe_serialization=True)
     return str(folder)
+
+
+# --------------------------------------------------------------------------------------------------
+# Full-size random-weight SDXL and SD3 pipelines for GPU smoke runs (benchmarks/tools/gpu_smoke.py)
+# --------------------------------------------------------------------------------------------------
+
+SDXL_UNET = dict(
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20), use_linear_projection=True, cross_attention_dim=2048,
+    addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+)
+SD3_MEDIUM_TRANSFORMER = dict(
+    sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+    num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
+    pos_embed_max_size=192,
+)
+
+
+def _one_layer_clip(tokenizer, width: int, projection: bool):
+    """A one-layer random CLIP text encoder of ``width`` (SDXL's and SD3's encoders are 768 and 1280 wide)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width,
+                            num_hidden_layers=1, num_attention_heads=width // 64, projection_dim=width,
+                            max_position_embeddings=tokenizer.model_max_length, bos_token_id=tokenizer.bos_token_id,
+                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config).eval()
+
+
+def _smoke_vae(latent_channels: int, shift_factor: float | None):
+    """A small random VAE with SD's 8x downsampling (four 32-wide blocks) and ``latent_channels``."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=latent_channels, layers_per_block=1,
+                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                         block_out_channels=(32, 32, 32, 32), norm_num_groups=32, sample_size=1024,
+                         shift_factor=shift_factor)
+
+
+def save_family_sized_pipeline(family: str, folder: Path, tiny: bool) -> None:
+    """Save a random-weight pipeline of ``family`` for GPU smoke runs: ``sd15`` (SD 1.5's UNet), ``sdxl`` (SDXL's
+    2.6B UNet, one-layer 768/1280 CLIPs) or ``sd3`` (SD3-medium's 2B MMDiT, one-layer CLIPs, no T5); ``tiny``:
+    the test-sized pipelines of the same family (CPU)."""
+    if family == "sd15":
+        return save_sd15_sized_pipeline(folder, tiny)
+    if tiny:
+        (save_sdxl_pipeline if family == "sdxl" else save_sd3_pipeline)(folder)
+        return None
+    from diffusers import (
+        EulerDiscreteScheduler,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+
+    torch.manual_seed(0)
+    tok, tok2 = (build_tokenizer(folder.parent / f"tokenizer-src-{i}") for i in range(2))
+    if family == "sdxl":
+        pipe = StableDiffusionXLPipeline(
+            vae=_smoke_vae(4, None), text_encoder=_one_layer_clip(tok, 768, False),
+            text_encoder_2=_one_layer_clip(tok2, 1280, True), tokenizer=tok, tokenizer_2=tok2,
+            unet=UNet2DConditionModel(**SDXL_UNET), add_watermarker=False,
+            scheduler=EulerDiscreteScheduler.from_config(build_scheduler().config, timestep_spacing="leading"))
+    else:
+        pipe = StableDiffusion3Pipeline(
+            transformer=SD3Transformer2DModel(**SD3_MEDIUM_TRANSFORMER), vae=_smoke_vae(16, 0.0609),
+            text_encoder=_one_layer_clip(tok, 768, True), text_encoder_2=_one_layer_clip(tok2, 1280, True),
+            tokenizer=tok, tokenizer_2=tok2, text_encoder_3=None, tokenizer_3=None,
+            scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    return None
