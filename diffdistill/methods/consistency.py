@@ -154,9 +154,7 @@ class ConsistencyDistillation(DistillMethod):
                 f"--num-ddim-timesteps ({self.cfg.num_ddim_timesteps}) exceeds the teacher's {t_train} train timesteps")
         require(self.run.steps <= self.cfg.num_ddim_timesteps,
                 f"--steps ({self.run.steps}) must not exceed --num-ddim-timesteps ({self.cfg.num_ddim_timesteps})")
-        require(self.lora or self.cfg.fixed_guidance or teacher.guidance_embedding,
-                f"a {teacher.family} teacher's network has no guidance embedding to train: give one teacher guidance "
-                f"scale (--w-min equal to --w-max), which the student bakes in")
+        self.cfg.require_trainable_guidance(teacher, baked=self.lora)
 
     def setup(self, teacher) -> None:
         self.teacher = teacher

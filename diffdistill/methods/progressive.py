@@ -184,9 +184,7 @@ class ProgressiveDistillation(DistillMethod):
         return self.cfg.middle_guidance_scale()
 
     def validate(self, teacher) -> None:
-        require(teacher.guidance_embedding or self.cfg.w_min == self.cfg.w_max,
-                f"a {teacher.family} teacher's network has no guidance embedding to train: give one teacher guidance "
-                f"scale (--w-min equal to --w-max), which the student bakes in")
+        self.cfg.require_trainable_guidance(teacher)
 
     def total_steps(self) -> int:
         """The guidance stage plus every halving stage: the run's length, whatever --max-train-steps says."""
