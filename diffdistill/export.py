@@ -179,8 +179,13 @@ def export_student(run, method, teacher, pipeline_dir: Path, lora_dir: Path, pro
                "scheduler": type(scheduler).__name__, "training steps": train_steps,
                **method.card_details()}
     baked = json.loads((pipeline_dir / EXPORT_INFO).read_text()).get("guidance_baked", False)
-    if baked:
+    # baked guidance the pipeline ignores (an inert guidance embedding) or must be sampled at scale 1 (SD3)
+    scale_ignored = baked and teacher.guidance_embedding
+    if scale_ignored:
         details["guidance"] = "baked into the weights: guidance_scale has no effect (one UNet pass per step)"
+    elif baked:
+        details["guidance"] = ("baked into the weights: sample with guidance_scale=1 (one pass per step; a larger "
+                               "scale adds a classifier-free-guidance pass on top)")
     if run.drop_safety_checker:
         details["safety checker"] = ("dropped (--drop-safety-checker): this pipeline does not filter its outputs, "
                                      "whatever the teacher did")
@@ -190,7 +195,7 @@ def export_student(run, method, teacher, pipeline_dir: Path, lora_dir: Path, pro
         details["training stopped"] = f"early, by --{stopped_by.replace('_', '-')}, at step {train_steps}"
     usage = (f'from diffusers import DiffusionPipeline\n\npipe = DiffusionPipeline.from_pretrained("{pipeline_dir}")\n'
              f'image = pipe("{prompt}", num_inference_steps={n}'
-             + (").images[0]" if baked else f", guidance_scale={guidance}).images[0]"))
+             + (").images[0]" if scale_ignored else f", guidance_scale={guidance}).images[0]"))
     if table:
         table = (f"{run.benchmark_samples} samples per step count, FID/KID against the real digits with the shipped "
                  f"digits classifier as feature extractor (`diffdistill bench`).\n\n" + table)

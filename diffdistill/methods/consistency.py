@@ -233,10 +233,11 @@ class ConsistencyDistillation(DistillMethod):
 
     def card_details(self) -> dict:
         c = self.cfg
+        net = type(self.teacher.unet).__name__ if self.teacher is not None else "UNet"
         if self.lora:
-            student = f"LoRA rank {c.lora_rank} on the teacher UNet"
+            student = f"LoRA rank {c.lora_rank} on the teacher {net}"
         elif c.fixed_guidance:
-            student = f"full UNet; guidance w = {c.w_min} baked in"
+            student = f"full {net}; guidance w = {c.w_min} baked in"
         else:
             student = f"full UNet with a {GUIDANCE_EMBED_DIM}-d guidance embedding (time_cond_proj_dim)"
         return {
