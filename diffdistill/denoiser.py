@@ -288,13 +288,16 @@ class Denoiser:
     ``schedule.model_timestep(t)`` (t itself on a discrete VP schedule, sigma * 1000 on a flow schedule).
     """
 
-    def __init__(self, unet, schedule, prediction_type: str, call=unet_call):
+    def __init__(self, unet, schedule, prediction_type: str, call=unet_call, guidance_input: bool = False):
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"unknown prediction_type {prediction_type!r}; expected one of {PREDICTION_TYPES}")
         self.unet = unet
         self.schedule = schedule
         self.prediction_type = prediction_type
         self.call = call
+        # A guidance-distilled network (Flux-dev) takes the guidance scale itself as an input: one pass, the
+        # scale handed to ``call`` as ``timestep_cond`` (B,), never classifier-free guidance.
+        self.guidance_input = guidance_input
 
     @property
     def guidance_embedding_dim(self) -> int | None:
@@ -314,7 +317,10 @@ class Denoiser:
             t = t.expand(x_t.shape[0])
         timestep_cond = None
         dim = self.guidance_embedding_dim
-        if dim is not None:
+        if self.guidance_input:
+            w = guidance_scale if guidance_scale is not None else torch.ones(x_t.shape[0])
+            timestep_cond = torch.as_tensor(w, dtype=torch.float32).reshape(-1).expand(x_t.shape[0]).to(x_t.device)
+        elif dim is not None:
             w = guidance_scale if guidance_scale is not None else torch.ones(x_t.shape[0])
             w = torch.as_tensor(w, dtype=torch.float32).reshape(-1).expand(x_t.shape[0])
             timestep_cond = guidance_embedding(w, dim).to(device=x_t.device, dtype=x_t.dtype)
@@ -334,7 +340,7 @@ class Denoiser:
             t = t.expand(x_t.shape[0])
         alpha, sigma = self.schedule.alpha_sigma(t, like=x_t)
         w = None if guidance_scale is None else torch.as_tensor(guidance_scale, dtype=torch.float32)
-        if uncond is None or w is None or self.guidance_embedding_dim is not None:
+        if uncond is None or w is None or self.guidance_input or self.guidance_embedding_dim is not None:
             out = self.model_output(x_t, t, cond, w)
             return to_x0_eps(out, x_t, alpha, sigma, self.prediction_type)
         # CFG: one batched call of 2B, (uncond, cond); guidance is applied to x0 and eps alike,

@@ -42,15 +42,17 @@ def build_pipeline(teacher, unet, scheduler, dtype_of_teacher: bool = True, safe
     return teacher.build_pipeline(unet, scheduler, dtype_of_teacher=dtype_of_teacher, safety=safety)
 
 
-def verify_pipeline(folder: Path, prompt: str, steps: int, guidance_scale: float, **load_kwargs) -> torch.Tensor:
+def verify_pipeline(folder: Path, prompt: str, steps: int, guidance_scale: float, load_kwargs: dict | None = None,
+                    sample_kwargs: dict | None = None) -> torch.Tensor:
     """Reload ``folder`` with plain DiffusionPipeline.from_pretrained and sample once; returns the image.
-    ``load_kwargs``: components the folder leaves out (e.g. ``text_encoder_3=None`` of an SD3 without T5)."""
+    ``load_kwargs``: components the folder leaves out (e.g. ``text_encoder_3=None`` of an SD3 without T5);
+    ``sample_kwargs``: the call's size where the pipeline's default is not the model's (``Teacher.sample_kwargs``)."""
     from diffusers import DiffusionPipeline
 
     with quiet_loading():
-        pipe = DiffusionPipeline.from_pretrained(str(folder), **load_kwargs)
+        pipe = DiffusionPipeline.from_pretrained(str(folder), **(load_kwargs or {}))
     pipe.set_progress_bar_config(disable=True)
-    image = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance_scale,
+    image = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance_scale, **(sample_kwargs or {}),
                  generator=torch.Generator().manual_seed(0), output_type="pt").images
     if not torch.isfinite(image).all():
         raise RuntimeError(f"export check failed: {folder} produced non-finite pixels")
@@ -79,7 +81,7 @@ def export_pipeline(teacher, unet, scheduler, folder: Path, steps: int, guidance
         (tmp / EXPORT_INFO).write_text(json.dumps({**info, "num_inference_steps": steps,
                                                    "recommended_guidance_scale": guidance_scale,
                                                    "guidance_baked": baked}, indent=2) + "\n")
-        verify_pipeline(tmp, prompt, steps, guidance_scale, **teacher.absent_parts)
+        verify_pipeline(tmp, prompt, steps, guidance_scale, teacher.absent_parts, teacher.sample_kwargs())
         replace_dir(tmp, folder)
     except BaseException:  # an error or a signal (Terminated, KeyboardInterrupt): no temporary folder stays
         shutil.rmtree(tmp, ignore_errors=True)
@@ -105,7 +107,7 @@ def export_lora(teacher, lora_state: dict, folder: Path, scheduler, steps: int, 
             pipe.load_lora_weights(str(tmp))
         pipe.set_progress_bar_config(disable=True)
         pipe.scheduler = type(scheduler).from_config(scheduler.config)
-        image = pipe(prompt, num_inference_steps=steps, guidance_scale=1.0,
+        image = pipe(prompt, num_inference_steps=steps, guidance_scale=1.0, **teacher.sample_kwargs(),
                      generator=torch.Generator().manual_seed(0), output_type="pt").images
         if not torch.isfinite(image).all():
             raise RuntimeError(f"LoRA check failed: {folder} produced non-finite pixels")

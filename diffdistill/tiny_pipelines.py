@@ -236,16 +236,17 @@ TINY_SD3_TRANSFORMER = dict(
 )
 
 
-def build_clip_with_projection(tokenizer, seed: int, width: int = 16):
-    """A tiny frozen CLIPTextModelWithProjection (the text encoders of SDXL's second and SD3's two CLIPs)."""
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+def build_clip(tokenizer, seed: int, width: int = 16, layers: int = 1, projection: bool = True):
+    """A tiny frozen CLIP text encoder: CLIPTextModelWithProjection (SDXL's second and SD3's two CLIPs) or,
+    ``projection=False``, CLIPTextModel (SDXL's first, Flux's CLIP)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
     config = CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=1,
+        vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
         num_attention_heads=2, max_position_embeddings=TOKENIZER_MAX_LENGTH, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, projection_dim=width)
-    return CLIPTextModelWithProjection(config).eval().requires_grad_(False)
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config).eval().requires_grad_(False)
 
 
 def build_t5(tokenizer, seed: int, width: int = 32):
@@ -267,7 +268,7 @@ def build_sd3_pipeline(seed: int = 0, shift: float = SD3_SHIFT, t5: bool = True)
 
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer, tokenizer_2, tokenizer_3 = (build_tokenizer(Path(tmp) / f"tok{i}") for i in range(3))
-    text_encoder, text_encoder_2 = build_clip_with_projection(tokenizer, seed), build_clip_with_projection(tokenizer_2, seed + 1)
+    text_encoder, text_encoder_2 = build_clip(tokenizer, seed), build_clip(tokenizer_2, seed + 1)
     text_encoder_3 = build_t5(tokenizer_3, seed + 2) if t5 else None
     torch.manual_seed(seed)
     vae = build_vae(shift_factor=0.1)  # SD3's and Flux's VAEs shift latents before scaling them
@@ -298,16 +299,11 @@ def build_sdxl_pipeline(seed: int = 0):
     pooled width 16) on 4x8x8 latents, a CLIPTextModel and a CLIPTextModelWithProjection of width 16 (joint
     2 x 16 = 32 = cross_attention_dim), digits-SD's VAE and SD's noise schedule in an EulerDiscreteScheduler."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
 
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer, tokenizer_2 = (build_tokenizer(Path(tmp) / f"tok{i}") for i in range(2))
-    torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-        max_position_embeddings=TOKENIZER_MAX_LENGTH, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)).eval().requires_grad_(False)
-    text_encoder_2 = build_clip_with_projection(tokenizer_2, seed + 1)
+    text_encoder = build_clip(tokenizer, seed, layers=2, projection=False)
+    text_encoder_2 = build_clip(tokenizer_2, seed + 1)
     torch.manual_seed(seed)
     vae, unet = build_vae(), UNet2DConditionModel(**TINY_SDXL_UNET)
     scheduler = EulerDiscreteScheduler.from_config(build_scheduler().config, timestep_spacing="leading", steps_offset=1)
@@ -395,3 +391,32 @@ def save_family_sized_pipeline(family: str, folder: Path, tiny: bool) -> None:
             scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
     pipe.save_pretrained(str(folder), safe_serialization=True)
     return None
+
+
+def build_flux_pipeline(seed: int = 0, guidance_embeds: bool = True):
+    """An untrained tiny FluxPipeline: a 1 + 1 block FluxTransformer2DModel on digits-SD's 4-channel 8x8 latents
+    (packed 2x2: 16 tokens of 16 features), a CLIPTextModel (pooled width 32) and a tiny T5 (width 32), Flux's
+    dynamically shifted flow-matching scheduler, and a guidance embedding (Flux-dev: the guidance scale is an
+    input; ``guidance_embeds=False``: Flux-schnell's layout)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer, tokenizer_2 = (build_tokenizer(Path(tmp) / f"tok{i}") for i in range(2))
+    text_encoder = build_clip(tokenizer, seed, width=32, projection=False)
+    text_encoder_2 = build_t5(tokenizer_2, seed + 1)
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                         pooled_projection_dim=32, guidance_embeds=guidance_embeds,
+                                         axes_dims_rope=(4, 6, 6))
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    return FluxPipeline(scheduler=scheduler, vae=build_vae(shift_factor=0.1), text_encoder=text_encoder,
+                        tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
+                        transformer=transformer)
+
+
+def save_flux_pipeline(folder: str | Path, seed: int = 0, guidance_embeds: bool = True) -> str:
+    """``build_flux_pipeline(seed, guidance_embeds)`` saved to ``folder`` as safetensors; returns the folder."""
+    build_flux_pipeline(seed, guidance_embeds).save_pretrained(str(folder), safe_serialization=True)
+    return str(folder)

@@ -63,3 +63,11 @@ def tiny_sdxl(tmp_path_factory):
     from diffdistill.tiny_pipelines import save_sdxl_pipeline
 
     return save_sdxl_pipeline(tmp_path_factory.mktemp("tiny-sdxl") / "pipe")
+
+
+@pytest.fixture(scope="session")
+def tiny_flux(tmp_path_factory):
+    """Path of an untrained (random) tiny Flux-dev-style pipeline: packed latents, guidance input, dynamic shift."""
+    from diffdistill.tiny_pipelines import save_flux_pipeline
+
+    return save_flux_pipeline(tmp_path_factory.mktemp("tiny-flux") / "pipe")

@@ -32,8 +32,13 @@ METHODS = {
     "dmd": ["--method", "dmd", "--steps", "1", "--gan-weight", "0.1"],
     "sds": ["--method", "sds", "--steps", "1"],
 }
-FAMILY_METHODS = {"sd3": METHODS, "sdxl": {**METHODS, "lcm": [*METHODS["lcm"][:-4], "--w-min", "1", "--w-max", "3"]}}
-PIPELINES = {"sd3": ("StableDiffusion3Pipeline", "transformer"), "sdxl": ("StableDiffusionXLPipeline", "unet")}
+# Flux-dev's guidance input is its guidance embedding: LCM trains on a range of scales there too.
+WITH_RANGE = {**METHODS, "lcm": [*METHODS["lcm"][:-4], "--w-min", "1", "--w-max", "3"]}
+FAMILY_METHODS = {"sd3": METHODS, "sdxl": WITH_RANGE, "flux": WITH_RANGE}
+PIPELINES = {"sd3": ("StableDiffusion3Pipeline", "transformer"), "sdxl": ("StableDiffusionXLPipeline", "unet"),
+             "flux": ("FluxPipeline", "transformer")}
+# FluxPipeline's default size is fixed at 128 latent pixels: the tiny teacher's native 32 px is given.
+SIZES = {"flux": {"height": 32, "width": 32}}
 
 # A process that never imports diffdistill loads every export with plain diffusers and samples each once at its
 # step count and recommended guidance_scale, counting the network's calls and their batch.
@@ -41,13 +46,14 @@ PLAIN_DIFFUSERS = r"""
 import sys, json, torch
 from diffusers import DiffusionPipeline
 out = {}
-for folder, steps, guidance, net in json.loads(sys.argv[1]):
+for folder, steps, guidance, net, size in json.loads(sys.argv[1]):
     pipe = DiffusionPipeline.from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
     calls = []
     getattr(pipe, net).register_forward_pre_hook(
         lambda m, a, k: calls.append((a[0] if a else k["hidden_states"]).shape[0]), with_kwargs=True)
-    img = pipe("a handwritten digit 7", num_inference_steps=steps, guidance_scale=guidance, output_type="np").images
+    img = pipe("a handwritten digit 7", num_inference_steps=steps, guidance_scale=guidance, output_type="np",
+               **size).images
     out[folder] = {"pipeline": type(pipe).__name__, "scheduler": type(pipe.scheduler).__name__, "calls": len(calls),
                    "batch": max(calls), "shape": list(img.shape),
                    "finite": bool(torch.isfinite(torch.from_numpy(img)).all())}
@@ -63,7 +69,7 @@ def _plain_load(exports: list) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("family", ["sd3", "sdxl"])
+@pytest.mark.parametrize("family", ["sd3", "sdxl", "flux"])
 def test_every_method_trains_exports_and_loads_in_plain_diffusers(family, request, tmp_path, one_thread):
     teacher = request.getfixturevalue(f"tiny_{family}")
     pipeline_cls, net = PIPELINES[family]
@@ -72,20 +78,21 @@ def test_every_method_trains_exports_and_loads_in_plain_diffusers(family, reques
         out = tmp_path / name
         assert main(["distill", "--teacher", teacher, "--output", str(out), *BASE, *args]) == 0, name
         info = json.loads((out / "pipeline" / "diffdistill.json").read_text())
-        exports.append([str(out / "pipeline"), info["num_inference_steps"], info["recommended_guidance_scale"], net])
+        exports.append([str(out / "pipeline"), info["num_inference_steps"], info["recommended_guidance_scale"], net,
+                        SIZES.get(family, {})])
         if name == "lcm_lora":
             from safetensors.torch import load_file
 
             lora = load_file(str(out / "lora" / "pytorch_lora_weights.safetensors"))
             assert lora and all(k.startswith(f"{net}.") for k in lora), name
     loaded = _plain_load(exports)
-    for folder, steps, _, _ in exports:
+    for folder, steps, *_ in exports:
         info = loaded[folder]
         assert info["pipeline"] == pipeline_cls, folder
         # one pass of one image per step: the guidance is in the student (embedding or baked), never a CFG pass
         assert info["calls"] == steps and info["batch"] == 1 and info["finite"], (folder, info)
         assert info["shape"] == [1, 32, 32, 3], folder
-        if family == "sd3":
+        if family != "sdxl":
             assert info["scheduler"] == "FlowMatchEulerDiscreteScheduler", folder
 
 
@@ -140,6 +147,42 @@ def test_flow_teacher_without_shift_in_its_scheduler_config_is_refused(tiny_sd3,
 def test_guidance_range_on_a_teacher_without_guidance_embedding_is_refused(tiny_sd3, tmp_path, capsys):
     args = ["--method", "lcm", "--steps", "2", "--num-ddim-timesteps", "10", "--w-min", "1", "--w-max", "2"]
     assert "no guidance embedding" in _bad_run(tiny_sd3, tmp_path, capsys, *args)
+
+
+def test_flux_without_guidance_input_refuses_a_teacher_guidance_needing_two_passes(tmp_path, capsys):
+    from diffdistill.tiny_pipelines import save_flux_pipeline
+
+    schnell = save_flux_pipeline(tmp_path / "schnell", guidance_embeds=False)
+    err = _bad_run(schnell, tmp_path, capsys, *METHODS["dmd"])  # dmd's teacher guidance defaults to 2
+    assert "two CFG passes" in err and "(2.0, 2.0)" in err
+
+
+def test_flux_denoiser_call_is_what_flux_pipeline_computes(tiny_flux):
+    """Packed latents, image/text ids, timestep sigma, the guidance input: the adapter's call gives the
+    transformer's output as FluxPipeline calls it, unpacked back to the latent grid."""
+    from diffusers import FluxPipeline
+
+    from diffdistill.teachers import load_teacher
+
+    teacher = load_teacher(tiny_flux)
+    assert teacher.family == "flux" and teacher.guidance_input and teacher.latent_shape == (4, 8, 8)
+    cond = teacher.encode_prompts(["a digit 3"])
+    tokens, pooled, text_ids = teacher.pipe.encode_prompt(["a digit 3"], None)
+    x, t, w = torch.randn(1, 4, 8, 8), torch.tensor([700]), torch.tensor([3.5])
+    with torch.no_grad():
+        v = teacher.denoiser().model_output(x, t, cond, w)
+        sigma = teacher.schedule.sigma_at(t).float()
+        ref = teacher.unet(hidden_states=FluxPipeline._pack_latents(x, 1, 4, 8, 8), timestep=sigma, guidance=w,
+                           pooled_projections=pooled, encoder_hidden_states=tokens, txt_ids=text_ids,
+                           img_ids=FluxPipeline._prepare_latent_image_ids(1, 4, 4, "cpu", torch.float32)).sample
+    torch.testing.assert_close(v, FluxPipeline._unpack_latents(ref, 32, 32, 4))
+    # guidance is an input, not a second pass: a guided call is one call of batch 1
+    calls = []
+    hook = teacher.unet.register_forward_pre_hook(lambda m, a, k: calls.append(k["hidden_states"].shape[0]),
+                                                  with_kwargs=True)
+    teacher.denoiser().x0_eps(x, t, cond, teacher.encode_prompts([""]), guidance_scale=3.5)
+    hook.remove()
+    assert calls == [1]
 
 
 def test_sd3_teacher_conditioning_is_what_the_pipeline_computes(tiny_sd3):

@@ -80,6 +80,15 @@ class DistillMethod:
     def validate(self, teacher) -> None:
         """Checks that need the loaded teacher (raise UserError); runs before anything is written."""
 
+    def teacher_guidance_scales(self) -> tuple[float, float] | None:
+        """(lowest, highest) classifier-free guidance scale the method asks of the teacher (None: none)."""
+        cfg = self.cfg
+        if hasattr(cfg, "w_min"):
+            return (float(cfg.w_min), float(cfg.w_max))
+        if hasattr(cfg, "teacher_guidance_scale"):
+            return (float(cfg.teacher_guidance_scale),) * 2
+        return None
+
     def needs_images(self) -> str | None:
         """What in this run learns from data images (e.g. "consistency distillation"); None when prompts suffice."""
         return None

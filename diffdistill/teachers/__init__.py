@@ -12,16 +12,17 @@ import torch
 from ..denoiser import NoiseSchedule, scheduler_prediction_type
 from ..errors import UserError, require
 from ..loading import check_pipeline_folder, check_variant, hub_kwargs, is_hub_id, load_error_line, quiet_loading
+from .flux import FluxTeacher
 from .sd import PROMPT_CACHE_SIZE, UNET_LORA_TARGETS, Teacher
-from .sd3 import SD3Teacher, sd3_schedule
+from .sd3 import SD3Teacher
 from .sdxl import SDXLTeacher
 
-__all__ = ["PROMPT_CACHE_SIZE", "SUPPORTED_PIPELINES", "UNET_LORA_TARGETS", "SD3Teacher", "SDXLTeacher", "Teacher",
-           "check_teacher_folder", "load_teacher"]
+__all__ = ["PROMPT_CACHE_SIZE", "SUPPORTED_PIPELINES", "UNET_LORA_TARGETS", "FluxTeacher", "SD3Teacher",
+           "SDXLTeacher", "Teacher", "check_teacher_folder", "load_teacher"]
 
 # pipeline class -> adapter
 FAMILIES: dict[str, type[Teacher]] = {"StableDiffusionPipeline": Teacher, "StableDiffusionXLPipeline": SDXLTeacher,
-                                      "StableDiffusion3Pipeline": SD3Teacher}
+                                      "StableDiffusion3Pipeline": SD3Teacher, "FluxPipeline": FluxTeacher}
 SUPPORTED_PIPELINES = tuple(FAMILIES)
 # Components a family's folder may leave out (null in model_index.json), which from_pretrained must be told.
 OPTIONAL_PARTS = ("text_encoder_3", "tokenizer_3")
@@ -87,7 +88,7 @@ def load_teacher(source: str, revision: str = "", variant: str = "", local_files
     if family.prediction_type_of_family is None:  # a VP family: the scheduler says
         teacher = _vp_teacher(family, pipe, source)
     else:
-        teacher = family(pipe=pipe, schedule=sd3_schedule(pipe), prediction_type=family.prediction_type_of_family,
+        teacher = family(pipe=pipe, schedule=family.flow_schedule(pipe), prediction_type=family.prediction_type_of_family,
                          source=source)
     teacher.absent_parts = absent
     for m in teacher.frozen_parts():

@@ -44,6 +44,7 @@ class Teacher:
     lora_targets = UNET_LORA_TARGETS
     lora_layers_key = "unet_lora_layers"  # the save_lora_weights argument of the family's pipeline
     guidance_embedding = True  # make_student can give the student a guidance embedding (time_cond_proj_dim)
+    guidance_input = False  # the network takes the guidance scale as an input (Flux-dev): no CFG pass
     prediction_type_of_family = None  # None: the scheduler's (epsilon, v_prediction); "flow" for flow families
 
     @classmethod
@@ -93,7 +94,7 @@ class Teacher:
         """``net`` (default: the teacher's network; a student built by ``make_student``) as a Denoiser on
         ``schedule`` (default: the teacher's), called the way this family's network is called."""
         return Denoiser(self.unet if net is None else net, self.schedule if schedule is None else schedule,
-                        self.prediction_type, call=self.net_call)
+                        self.prediction_type, call=self.net_call, guidance_input=self.guidance_input)
 
     # --- students --------------------------------------------------------------------------------
     def make_student(self, time_cond_proj_dim: int | None = None):
@@ -194,6 +195,30 @@ class Teacher:
             parts = {**self.safety_parts, "safety_checker": float32(self.safety_parts["safety_checker"])}
         pipe = StableDiffusionPipeline(
             vae=vae, text_encoder=text_encoder, tokenizer=self.pipe.tokenizer, unet=net, scheduler=scheduler, **parts)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def check_teacher_guidance(self, scales: tuple[float, float] | None) -> None:
+        """Refuse teacher guidance scales (lowest, highest) the family cannot give (one-line UserError)."""
+
+    def sample_kwargs(self) -> dict:
+        """Arguments a call of the family's pipeline needs to sample at the teacher's native size (none: its
+        default is the native size)."""
+        return {}
+
+    net_key = "unet"  # the pipeline component the student network takes the place of
+
+    def _pipeline_from_parts(self, net, scheduler, dtype_of_teacher: bool, **config):
+        """The family's pipeline of every component of the teacher's (float32 copies of half-precision modules
+        unless ``dtype_of_teacher``), with ``net`` in place of its denoising network and ``scheduler``."""
+        import diffusers
+
+        from ..export import float32
+
+        parts = {name: (float32(part) if isinstance(part, torch.nn.Module) and not dtype_of_teacher else part)
+                 for name, part in self.pipe.components.items()}
+        parts.update({self.net_key: net, "scheduler": scheduler})
+        pipe = getattr(diffusers, self.pipeline_class_name)(**parts, **config)
         pipe.set_progress_bar_config(disable=True)
         return pipe
 

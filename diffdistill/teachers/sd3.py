@@ -52,6 +52,11 @@ class SD3Teacher(Teacher):
     # diffusers' default T5 length in StableDiffusion3Pipeline.__call__: training conditions on the same tokens
     max_sequence_length = 256
 
+    @staticmethod
+    def flow_schedule(pipe) -> FlowMatchSchedule:
+        """The teacher's flow-matching training schedule (static shift; SD3 has no dynamic shifting)."""
+        return FlowMatchSchedule.from_scheduler(pipe.scheduler)
+
     @classmethod
     def check_folder(cls, folder) -> None:
         """The scheduler config must state the timestep shift the teacher was trained with: diffusers would
@@ -114,20 +119,12 @@ class SD3Teacher(Teacher):
     def guidance_baked(self, net) -> bool:
         return True  # no guidance embedding: the student's guidance is its teacher's scale, in its weights
 
+    net_key = "transformer"
+
     def build_pipeline(self, net, scheduler, dtype_of_teacher: bool = True, safety: bool = False):
-        """A StableDiffusion3Pipeline from the teacher's VAE, text encoders and tokenizers plus ``net``."""
-        from diffusers import StableDiffusion3Pipeline
-
-        from ..export import float32
-
-        p = self.pipe
-        parts = {k: getattr(p, k) for k in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3")}
-        if not dtype_of_teacher:
-            parts = {k: None if v is None else float32(v) for k, v in parts.items()}
-        pipe = StableDiffusion3Pipeline(transformer=net, scheduler=scheduler, tokenizer=p.tokenizer,
-                                        tokenizer_2=p.tokenizer_2, tokenizer_3=p.tokenizer_3, **parts)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
+        """The family's pipeline (StableDiffusion3Pipeline, FluxPipeline) from the teacher's VAE, text encoders
+        and tokenizers plus ``net``."""
+        return self._pipeline_from_parts(net, scheduler, dtype_of_teacher)
 
     def reload_kwargs(self) -> dict:
         return dict(self.absent_parts)
@@ -143,6 +140,3 @@ class SD3Teacher(Teacher):
         return flow_euler_preset(teacher_scheduler)
 
 
-def sd3_schedule(pipe) -> FlowMatchSchedule:
-    """The teacher's flow-matching training schedule (static shift; SD3 has no dynamic shifting)."""
-    return FlowMatchSchedule.from_scheduler(pipe.scheduler)

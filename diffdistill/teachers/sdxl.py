@@ -59,19 +59,8 @@ class SDXLTeacher(Teacher):
 
     def build_pipeline(self, net, scheduler, dtype_of_teacher: bool = True, safety: bool = False):
         """A StableDiffusionXLPipeline from the teacher's VAE, text encoders and tokenizers plus ``net``."""
-        from diffusers import StableDiffusionXLPipeline
-
-        from ..export import float32
-
-        p = self.pipe
-        parts = {k: getattr(p, k) for k in ("vae", "text_encoder", "text_encoder_2")}
-        if not dtype_of_teacher:
-            parts = {k: float32(v) for k, v in parts.items()}
-        pipe = StableDiffusionXLPipeline(unet=net, scheduler=scheduler, tokenizer=p.tokenizer, tokenizer_2=p.tokenizer_2,
-                                         force_zeros_for_empty_prompt=p.config.get("force_zeros_for_empty_prompt", True),
-                                         add_watermarker=False, **parts)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
+        return self._pipeline_from_parts(net, scheduler, dtype_of_teacher, add_watermarker=False,
+                                         force_zeros_for_empty_prompt=self.pipe.config.get("force_zeros_for_empty_prompt", True))
 
     def reload_kwargs(self) -> dict:
         return dict(self.absent_parts)
