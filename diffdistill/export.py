@@ -195,8 +195,12 @@ def export_student(run, method, teacher, pipeline_dir: Path, lora_dir: Path, pro
         details["safety checker"] = "the teacher's, kept with its feature extractor"
     if stopped_by != "max_train_steps":
         details["training stopped"] = f"early, by --{stopped_by.replace('_', '-')}, at step {train_steps}"
-    usage = (f'from diffusers import DiffusionPipeline\n\npipe = DiffusionPipeline.from_pretrained("{pipeline_dir}")\n'
-             f'image = pipe("{prompt}", num_inference_steps={n}'
+    # components the folder leaves out (SD3 without T5) must be named to from_pretrained; a size where the
+    # pipeline's default is not the model's (Flux)
+    absent = "".join(f", {k}=None" for k in teacher.absent_parts)
+    size = "".join(f", {k}={v}" for k, v in teacher.sample_kwargs().items())
+    usage = (f'from diffusers import DiffusionPipeline\n\npipe = DiffusionPipeline.from_pretrained("{pipeline_dir}"{absent})\n'
+             f'image = pipe("{prompt}", num_inference_steps={n}{size}'
              + (").images[0]" if scale_ignored else f", guidance_scale={guidance}).images[0]"))
     if table:
         table = (f"{run.benchmark_samples} samples per step count, FID/KID against the real digits with the shipped "

@@ -205,3 +205,21 @@ def test_sd3_teacher_conditioning_is_what_the_pipeline_computes(tiny_sd3):
     torch.testing.assert_close(v, ref)
     # the scheduler's own training sigmas, shifted by its shift (3.0)
     torch.testing.assert_close(teacher.schedule.sigmas.flip(0).float(), teacher.scheduler.sigmas, rtol=0, atol=1e-6)
+
+
+def test_sd3_without_t5_trains_and_its_card_names_the_absent_encoder(tmp_path, one_thread):
+    """text_encoder_3 null in model_index.json (SD3 run without T5): the teacher loads, the export is verified with
+    text_encoder_3=None, tokenizer_3=None (diffusers needs them named), and the card's usage line names them."""
+    from diffusers import DiffusionPipeline
+
+    from diffdistill.tiny_pipelines import save_sd3_pipeline
+
+    teacher = save_sd3_pipeline(tmp_path / "no-t5", t5=False)
+    out = tmp_path / "run"
+    assert main(["distill", "--teacher", teacher, "--output", str(out), *BASE, *METHODS["sds"]]) == 0
+    card = (out / "pipeline" / "README.md").read_text()
+    assert "text_encoder_3=None, tokenizer_3=None" in card and "guidance_scale=1.0" in card
+    pipe = DiffusionPipeline.from_pretrained(str(out / "pipeline"), text_encoder_3=None, tokenizer_3=None)
+    assert pipe.text_encoder_3 is None
+    img = pipe("a digit 1", num_inference_steps=1, guidance_scale=1.0, output_type="np").images
+    assert img.shape == (1, 32, 32, 3)
