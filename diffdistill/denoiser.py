@@ -5,7 +5,12 @@ training, sampling and export all read it from here:
 
 * the variance-preserving noise schedule x_t = alpha_t * x_0 + sigma_t * eps, read from a
   diffusers scheduler's ``alphas_cumprod`` (``NoiseSchedule``);
-* conversions between epsilon, v and x0 ("sample") parameterisations (Salimans & Ho 2022, eq. 2);
+* the flow-matching (rectified-flow) process x_t = (1 - sigma) x_0 + sigma eps of SD3 and Flux, read
+  from a ``FlowMatchEulerDiscreteScheduler`` config with its static ``shift`` or Flux's dynamic shifting
+  (``FlowMatchSchedule``; Esser et al. 2024, sec. 3 and 5.3.2). It is the same affine form
+  x_t = a_t x_0 + s_t eps with a = 1 - sigma, s = sigma, so everything below serves both processes;
+* conversions between epsilon, v, x0 ("sample") and flow-velocity ("flow": v = eps - x0)
+  parameterisations (Salimans & Ho 2022, eq. 2; Lipman et al. 2023);
 * classifier-free guidance (Ho & Salimans 2022) and the guidance embedding that diffusers'
   ``StableDiffusionPipeline`` feeds a UNet with ``time_cond_proj_dim`` (it embeds
   ``guidance_scale - 1``);
@@ -22,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")
 
 # LCM's boundary-condition constants (Luo et al. 2023, sec. 4.1; diffusers LCMScheduler defaults).
 SIGMA_DATA = 0.5
@@ -37,8 +42,32 @@ def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return v.reshape(v.shape[0], *([1] * (like.ndim - 1)))
 
 
+def table_at(table: torch.Tensor, t: torch.Tensor | int, final: float) -> torch.Tensor:
+    """``table[t]`` at integer timesteps t; t < 0 (the step past the first training timestep) gives ``final``."""
+    t = torch.as_tensor(t, device=table.device).long()
+    v = table[t.clamp(min=0)]
+    return torch.where(t < 0, torch.full_like(v, final), v)
+
+
+class AffineSchedule:
+    """What every noise process x_t = alpha_t x_0 + sigma_t eps gives: (alpha, sigma) from ``_alpha_sigma``."""
+
+    def alpha_sigma(self, t: torch.Tensor | int, like: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(alpha_t, sigma_t); with ``like`` they are cast and shaped to broadcast against it."""
+        alpha, sigma = self._alpha_sigma(t)
+        if like is not None:
+            alpha, sigma = _bcast(alpha, like), _bcast(sigma, like)
+        return alpha, sigma
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Forward process q(x_t | x_0): alpha_t x_0 + sigma_t eps (DDPMScheduler.add_noise on a VP schedule,
+        FlowMatchEulerDiscreteScheduler.scale_noise on a flow one)."""
+        alpha, sigma = self.alpha_sigma(t, like=x0)
+        return alpha * x0 + sigma * noise
+
+
 @dataclass
-class NoiseSchedule:
+class NoiseSchedule(AffineSchedule):
     """A discrete VP schedule: alpha_t = sqrt(alphas_cumprod[t]), sigma_t = sqrt(1 - alphas_cumprod[t]).
 
     ``final_alphas_cumprod`` is what a timestep < 0 (the step past t=0) means; diffusers' DDIM uses
@@ -64,22 +93,97 @@ class NoiseSchedule:
 
     def alphas_cumprod_at(self, t: torch.Tensor | int) -> torch.Tensor:
         """alphas_cumprod at integer timesteps; t < 0 gives ``final_alphas_cumprod``."""
-        t = torch.as_tensor(t, device=self.alphas_cumprod.device).long()
-        acp = self.alphas_cumprod[t.clamp(min=0)]
-        return torch.where(t < 0, torch.full_like(acp, self.final_alphas_cumprod), acp)
+        return table_at(self.alphas_cumprod, t, self.final_alphas_cumprod)
 
-    def alpha_sigma(self, t: torch.Tensor | int, like: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(alpha_t, sigma_t); with ``like`` they are cast and shaped to broadcast against it."""
+    def _alpha_sigma(self, t):
         acp = self.alphas_cumprod_at(t)
-        alpha, sigma = acp.sqrt(), (1.0 - acp).sqrt()
-        if like is not None:
-            alpha, sigma = _bcast(alpha, like), _bcast(sigma, like)
-        return alpha, sigma
+        return acp.sqrt(), (1.0 - acp).sqrt()
 
-    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Forward process q(x_t | x_0): alpha_t x_0 + sigma_t eps (same as DDPMScheduler.add_noise)."""
-        alpha, sigma = self.alpha_sigma(t, like=x0)
-        return alpha * x0 + sigma * noise
+    def model_timestep(self, t: torch.Tensor) -> torch.Tensor:
+        """The timestep the network is given at training timesteps t: a UNet of a discrete schedule takes t itself."""
+        return t
+
+    def with_clean_end(self) -> NoiseSchedule:
+        """The same schedule with the step past t = 0 going to the clean sample (alpha = 1), as Euler presets do."""
+        return NoiseSchedule(self.alphas_cumprod, final_alphas_cumprod=1.0)
+
+
+def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
+    """The static timestep shift shift * sigma / (1 + (shift - 1) sigma) (Esser et al. 2024, eq. 23; SD3)."""
+    return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+
+def dynamic_shift_mu(image_seq_len: int, base_seq_len: int, max_seq_len: int, base_shift: float,
+                     max_shift: float) -> float:
+    """Flux's resolution-dependent mu: linear in the image token count from base_shift to max_shift
+    (diffusers' ``calculate_shift``)."""
+    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    return image_seq_len * m + base_shift - m * base_seq_len
+
+
+def time_shift(mu: float, sigmas: torch.Tensor, kind: str = "exponential") -> torch.Tensor:
+    """Dynamic shifting of sigmas by mu: e^mu / (e^mu + 1/sigma - 1) ("exponential", Flux; the static shift
+    with shift = e^mu) or mu / (mu + 1/sigma - 1) ("linear")."""
+    m = math.exp(mu) if kind == "exponential" else mu
+    return m / (m + (1 / sigmas - 1))
+
+
+@dataclass
+class FlowMatchSchedule(AffineSchedule):
+    """The flow-matching process x_t = (1 - sigma_t) x_0 + sigma_t eps on T discrete training timesteps.
+
+    ``sigmas[t]`` is the noise level of training timestep t (ascending in t; t < 0 gives ``final_sigma``,
+    0: the clean sample); the network is given ``sigma * timestep_scale`` as its timestep, as diffusers' SD3
+    and Flux pipelines pass ``FlowMatchEulerDiscreteScheduler.timesteps``. Integer timesteps keep the
+    interface of ``NoiseSchedule`` (grids, ``add_noise``, ``alpha_sigma``), so methods need not know which
+    process they train on.
+    """
+
+    sigmas: torch.Tensor  # (T,) float64, ascending
+    final_sigma: float = 0.0
+    timestep_scale: float = 1000.0
+
+    @classmethod
+    def from_scheduler(cls, scheduler, image_seq_len: int | None = None) -> FlowMatchSchedule:
+        """The training sigmas of a ``FlowMatchEulerDiscreteScheduler`` config: (t + 1) / T, shifted statically
+        by ``shift`` or, with ``use_dynamic_shifting``, by mu of ``image_seq_len`` tokens (Flux)."""
+        from .errors import require
+
+        cfg = scheduler.config
+        require("shift" in cfg or cfg.get("use_dynamic_shifting", False),
+                f"the {type(scheduler).__name__} config has no 'shift' (a flow-matching teacher's timestep shift)")
+        n = int(cfg.get("num_train_timesteps", 1000))
+        u = torch.arange(1, n + 1, dtype=torch.float64) / n
+        if cfg.get("use_dynamic_shifting", False):
+            require(image_seq_len is not None, "dynamic shifting needs the image token count (image_seq_len)")
+            mu = dynamic_shift_mu(image_seq_len, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
+                                  cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
+            sig = time_shift(mu, u, cfg.get("time_shift_type", "exponential"))
+        else:
+            sig = shift_sigmas(u, float(cfg["shift"]))
+        return cls(sig, 0.0, float(n))
+
+    @property
+    def num_train_timesteps(self) -> int:
+        """T, the number of discrete training timesteps."""
+        return int(self.sigmas.shape[0])
+
+    def sigma_at(self, t: torch.Tensor | int) -> torch.Tensor:
+        """sigma at integer timesteps; t < 0 gives ``final_sigma``."""
+        return table_at(self.sigmas, t, self.final_sigma)
+
+    def _alpha_sigma(self, t):
+        sigma = self.sigma_at(t)
+        return 1.0 - sigma, sigma
+
+    def with_clean_end(self) -> FlowMatchSchedule:
+        """Itself: the step past the first training timestep already goes to sigma = 0."""
+        return self
+
+    def model_timestep(self, t: torch.Tensor) -> torch.Tensor:
+        """sigma_t * timestep_scale (float32): the timestep diffusers' flow pipelines give the transformer."""
+        t = torch.as_tensor(t)
+        return (self.sigma_at(t) * self.timestep_scale).to(device=t.device, dtype=torch.float32)
 
 
 def to_x0_eps(
@@ -96,6 +200,10 @@ def to_x0_eps(
     elif prediction_type == "sample":
         x0 = model_output
         eps = (x_t - alpha * x0) / sigma
+    elif prediction_type == "flow":
+        # velocity v = eps - x0 on the flow schedule (alpha = 1 - sigma): x0 = x_t - sigma v, eps = x_t + alpha v
+        x0 = x_t - sigma * model_output
+        eps = x_t + alpha * model_output
     else:
         raise ValueError(f"unknown prediction_type {prediction_type!r}; expected one of {PREDICTION_TYPES}")
     return x0, eps
@@ -111,6 +219,8 @@ def from_x0_eps(
         return alpha * eps - sigma * x0
     if prediction_type == "sample":
         return x0
+    if prediction_type == "flow":
+        return eps - x0
     raise ValueError(f"unknown prediction_type {prediction_type!r}; expected one of {PREDICTION_TYPES}")
 
 
@@ -159,20 +269,35 @@ def consistency_output(
     return _bcast(c_skip, x_t) * x_t + _bcast(c_out, x_t) * x0_hat
 
 
-class Denoiser:
-    """A diffusers UNet seen as a denoiser: (x_t, t, text embedding) -> (x0, eps) estimates.
+def unet_call(net, x_t: torch.Tensor, timestep: torch.Tensor, cond: torch.Tensor,
+              timestep_cond: torch.Tensor | None = None) -> torch.Tensor:
+    """The raw output of a diffusers ``UNet2DConditionModel`` (SD 1.x/2.x): cond is its text embedding (B, L, D)."""
+    return net(x_t, timestep, encoder_hidden_states=cond, timestep_cond=timestep_cond).sample
 
-    ``guidance_scale`` set and the UNet has no guidance embedding: classifier-free guidance with the
-    conditional and unconditional passes batched into one UNet call. If the UNet has
-    ``time_cond_proj_dim``, the guidance scale is fed as its embedding instead (one pass).
+
+class Denoiser:
+    """A diffusers network seen as a denoiser: (x_t, t, conditioning) -> (x0, eps) estimates.
+
+    ``guidance_scale`` set and the network has no guidance embedding: classifier-free guidance with the
+    conditional and unconditional passes batched into one call. If the UNet has ``time_cond_proj_dim``,
+    the guidance scale is fed as its embedding instead (one pass).
+
+    ``call(net, x_t, timestep, cond, timestep_cond)`` runs the network: ``unet_call`` by default; a teacher
+    adapter (``teachers/``) gives its family's call (SDXL's added conditions, SD3/Flux transformers). The
+    conditioning is opaque here: only its batch dimension is concatenated. The network is given
+    ``schedule.model_timestep(t)`` (t itself on a discrete VP schedule, sigma * 1000 on a flow schedule).
     """
 
-    def __init__(self, unet, schedule: NoiseSchedule, prediction_type: str):
+    def __init__(self, unet, schedule, prediction_type: str, call=unet_call, guidance_input: bool = False):
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"unknown prediction_type {prediction_type!r}; expected one of {PREDICTION_TYPES}")
         self.unet = unet
         self.schedule = schedule
         self.prediction_type = prediction_type
+        self.call = call
+        # A guidance-distilled network (Flux-dev) takes the guidance scale itself as an input: one pass, the
+        # scale handed to ``call`` as ``timestep_cond`` (B,), never classifier-free guidance.
+        self.guidance_input = guidance_input
 
     @property
     def guidance_embedding_dim(self) -> int | None:
@@ -181,22 +306,25 @@ class Denoiser:
         # (accelerate's extract_model_from_parallel costs ~2 ms, too much for every denoiser call.)
         unet = getattr(self.unet, "module", self.unet)
         unet = getattr(unet, "_orig_mod", unet)
-        return getattr(unet.config, "time_cond_proj_dim", None)
+        return getattr(getattr(unet, "config", None), "time_cond_proj_dim", None)
 
     def model_output(
         self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, guidance_scale: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Raw UNet output; a guidance embedding is fed when the UNet has one and a scale is given."""
+        """Raw network output; a guidance embedding is fed when the UNet has one and a scale is given."""
         t = torch.as_tensor(t, device=x_t.device)
         if t.ndim == 0:
             t = t.expand(x_t.shape[0])
         timestep_cond = None
         dim = self.guidance_embedding_dim
-        if dim is not None:
+        if self.guidance_input:
+            w = guidance_scale if guidance_scale is not None else torch.ones(x_t.shape[0])
+            timestep_cond = torch.as_tensor(w, dtype=torch.float32).reshape(-1).expand(x_t.shape[0]).to(x_t.device)
+        elif dim is not None:
             w = guidance_scale if guidance_scale is not None else torch.ones(x_t.shape[0])
             w = torch.as_tensor(w, dtype=torch.float32).reshape(-1).expand(x_t.shape[0])
             timestep_cond = guidance_embedding(w, dim).to(device=x_t.device, dtype=x_t.dtype)
-        return self.unet(x_t, t, encoder_hidden_states=cond, timestep_cond=timestep_cond).sample
+        return self.call(self.unet, x_t, self.schedule.model_timestep(t), cond, timestep_cond)
 
     def x0_eps(
         self,
@@ -212,14 +340,15 @@ class Denoiser:
             t = t.expand(x_t.shape[0])
         alpha, sigma = self.schedule.alpha_sigma(t, like=x_t)
         w = None if guidance_scale is None else torch.as_tensor(guidance_scale, dtype=torch.float32)
-        if uncond is None or w is None or self.guidance_embedding_dim is not None:
+        if uncond is None or w is None or self.guidance_input or self.guidance_embedding_dim is not None:
             out = self.model_output(x_t, t, cond, w)
             return to_x0_eps(out, x_t, alpha, sigma, self.prediction_type)
         # CFG: one batched call of 2B, (uncond, cond); guidance is applied to x0 and eps alike,
         # which is the same as guiding the raw output because the conversion is affine in it.
         if uncond.shape[0] != cond.shape[0]:
             uncond = uncond.expand(cond.shape[0], *uncond.shape[1:])
-        out = self.unet(torch.cat([x_t, x_t]), torch.cat([t, t]), encoder_hidden_states=torch.cat([uncond, cond])).sample
+        ts = self.schedule.model_timestep(torch.cat([t, t]))
+        out = self.call(self.unet, torch.cat([x_t, x_t]), ts, torch.cat([uncond, cond]), None)
         out_u, out_c = out.chunk(2)
         guided = apply_cfg(out_u, out_c, w.to(x_t.device) if w.ndim else float(w))
         return to_x0_eps(guided, x_t, alpha, sigma, self.prediction_type)

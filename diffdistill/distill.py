@@ -130,6 +130,7 @@ def run_distill(run: RunConfig, dry_run: bool = False) -> dict:
                            device=accelerator.device, dtype=weight_dtype(run.train.mixed_precision),
                            safety_checker=not run.drop_safety_checker, single_file_config=run.single_file_config)
     method.validate(teacher)
+    teacher.check_teacher_guidance(method.teacher_guidance_scales())
     dataset = build_dataset(run.data, teacher.image_size)
     require(len(dataset) > 0, f"--dataset {run.data.dataset}: no examples")
     if method.needs_images() is not None:

@@ -34,32 +34,25 @@ def float32(module: torch.nn.Module) -> torch.nn.Module:
 
 
 def build_pipeline(teacher, unet, scheduler, dtype_of_teacher: bool = True, safety: bool = False):
-    """A StableDiffusionPipeline from the teacher's VAE, text encoder and tokenizer plus ``unet`` and ``scheduler``.
+    """The teacher family's pipeline from the teacher's VAE, text encoders and tokenizers plus ``unet`` (the
+    student network) and ``scheduler`` (``Teacher.build_pipeline``).
 
     ``dtype_of_teacher=False`` takes float32 copies of a half-precision VAE and text encoder (for export);
     ``safety=True`` adds the teacher's safety checker and feature extractor where it has them (for export)."""
-    from diffusers import StableDiffusionPipeline
-
-    vae, text_encoder = teacher.pipe.vae, teacher.pipe.text_encoder
-    if not dtype_of_teacher:
-        vae, text_encoder = float32(vae), float32(text_encoder)
-    parts = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
-    if safety and teacher.safety_parts:
-        parts = {**teacher.safety_parts, "safety_checker": float32(teacher.safety_parts["safety_checker"])}
-    pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=teacher.pipe.tokenizer, unet=unet, scheduler=scheduler, **parts)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return teacher.build_pipeline(unet, scheduler, dtype_of_teacher=dtype_of_teacher, safety=safety)
 
 
-def verify_pipeline(folder: Path, prompt: str, steps: int, guidance_scale: float) -> torch.Tensor:
-    """Reload ``folder`` with plain DiffusionPipeline.from_pretrained and sample once; returns the image."""
+def verify_pipeline(folder: Path, prompt: str, steps: int, guidance_scale: float, load_kwargs: dict | None = None,
+                    sample_kwargs: dict | None = None) -> torch.Tensor:
+    """Reload ``folder`` with plain DiffusionPipeline.from_pretrained and sample once; returns the image.
+    ``load_kwargs``: components the folder leaves out (e.g. ``text_encoder_3=None`` of an SD3 without T5);
+    ``sample_kwargs``: the call's size where the pipeline's default is not the model's (``Teacher.sample_kwargs``)."""
     from diffusers import DiffusionPipeline
 
     with quiet_loading():
-        pipe = DiffusionPipeline.from_pretrained(str(folder))
+        pipe = DiffusionPipeline.from_pretrained(str(folder), **(load_kwargs or {}))
     pipe.set_progress_bar_config(disable=True)
-    image = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance_scale,
+    image = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance_scale, **(sample_kwargs or {}),
                  generator=torch.Generator().manual_seed(0), output_type="pt").images
     if not torch.isfinite(image).all():
         raise RuntimeError(f"export check failed: {folder} produced non-finite pixels")
@@ -68,19 +61,17 @@ def verify_pipeline(folder: Path, prompt: str, steps: int, guidance_scale: float
 
 def export_pipeline(teacher, unet, scheduler, folder: Path, steps: int, guidance_scale: float,
                     info: dict, prompt: str) -> Path:
-    """Write a StableDiffusionPipeline folder for ``unet`` + ``scheduler``, verified by reload-and-sample.
+    """Write the teacher family's pipeline folder for ``unet`` + ``scheduler``, verified by reload-and-sample.
 
     ``info`` (method, steps, guidance, ...) is stored as ``diffdistill.json`` beside model_index.json.
-    A UNet without a guidance embedding is saved with an inert one (``with_inert_guidance_embedding``).
+    A UNet without a guidance embedding is saved with an inert one (``Teacher.export_net``).
     """
-    from .students import guidance_is_baked, with_inert_guidance_embedding
-
     folder = Path(folder)
     tmp = folder.with_name(f".{folder.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     # A student with its guidance baked in must not be guided again by the pipeline's default 7.5.
-    baked = guidance_is_baked(unet)
-    unet = with_inert_guidance_embedding(unet.to(torch.float32))
+    baked = teacher.guidance_baked(unet)
+    unet = teacher.export_net(unet.to(torch.float32))
     # Every component is saved in float32 (training may hold the teacher's VAE and text encoder in half
     # precision): a folder of mixed dtypes fails in a plain StableDiffusionPipeline call.
     pipe = build_pipeline(teacher, unet, scheduler, dtype_of_teacher=False, safety=True)
@@ -90,7 +81,7 @@ def export_pipeline(teacher, unet, scheduler, folder: Path, steps: int, guidance
         (tmp / EXPORT_INFO).write_text(json.dumps({**info, "num_inference_steps": steps,
                                                    "recommended_guidance_scale": guidance_scale,
                                                    "guidance_baked": baked}, indent=2) + "\n")
-        verify_pipeline(tmp, prompt, steps, guidance_scale)
+        verify_pipeline(tmp, prompt, steps, guidance_scale, teacher.absent_parts, teacher.sample_kwargs())
         replace_dir(tmp, folder)
     except BaseException:  # an error or a signal (Terminated, KeyboardInterrupt): no temporary folder stays
         shutil.rmtree(tmp, ignore_errors=True)
@@ -100,23 +91,23 @@ def export_pipeline(teacher, unet, scheduler, folder: Path, steps: int, guidance
 
 def export_lora(teacher, lora_state: dict, folder: Path, scheduler, steps: int, prompt: str) -> Path:
     """Write a diffusers-format LoRA (``pytorch_lora_weights.safetensors``) and check that
-    ``load_lora_weights`` on the teacher pipeline accepts it and samples."""
-    from diffusers import StableDiffusionPipeline
+    ``load_lora_weights`` on the teacher family's pipeline accepts it and samples."""
+    import diffusers
 
     folder = Path(folder)
     tmp = folder.with_name(f".{folder.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
+    pipeline_cls = getattr(diffusers, teacher.pipeline_class_name)
     try:
-        StableDiffusionPipeline.save_lora_weights(str(tmp), unet_lora_layers=lora_state, safe_serialization=True)
+        pipeline_cls.save_lora_weights(str(tmp), safe_serialization=True, **{teacher.lora_layers_key: lora_state})
         scheduler.save_pretrained(str(tmp / "scheduler"))
         # A fresh copy of the teacher from disk, exactly as a user would load it.
         with quiet_loading():
-            pipe = StableDiffusionPipeline.from_pretrained(teacher.source, safety_checker=None,
-                                                           requires_safety_checker=False)
+            pipe = pipeline_cls.from_pretrained(teacher.source, **teacher.reload_kwargs())
             pipe.load_lora_weights(str(tmp))
         pipe.set_progress_bar_config(disable=True)
         pipe.scheduler = type(scheduler).from_config(scheduler.config)
-        image = pipe(prompt, num_inference_steps=steps, guidance_scale=1.0,
+        image = pipe(prompt, num_inference_steps=steps, guidance_scale=1.0, **teacher.sample_kwargs(),
                      generator=torch.Generator().manual_seed(0), output_type="pt").images
         if not torch.isfinite(image).all():
             raise RuntimeError(f"LoRA check failed: {folder} produced non-finite pixels")
@@ -190,8 +181,13 @@ def export_student(run, method, teacher, pipeline_dir: Path, lora_dir: Path, pro
                "scheduler": type(scheduler).__name__, "training steps": train_steps,
                **method.card_details()}
     baked = json.loads((pipeline_dir / EXPORT_INFO).read_text()).get("guidance_baked", False)
-    if baked:
+    # baked guidance the pipeline ignores (an inert guidance embedding) or must be sampled at scale 1 (SD3)
+    scale_ignored = baked and teacher.guidance_embedding
+    if scale_ignored:
         details["guidance"] = "baked into the weights: guidance_scale has no effect (one UNet pass per step)"
+    elif baked:
+        details["guidance"] = ("baked into the weights: sample with guidance_scale=1 (one pass per step; a larger "
+                               "scale adds a classifier-free-guidance pass on top)")
     if run.drop_safety_checker:
         details["safety checker"] = ("dropped (--drop-safety-checker): this pipeline does not filter its outputs, "
                                      "whatever the teacher did")
@@ -199,9 +195,13 @@ def export_student(run, method, teacher, pipeline_dir: Path, lora_dir: Path, pro
         details["safety checker"] = "the teacher's, kept with its feature extractor"
     if stopped_by != "max_train_steps":
         details["training stopped"] = f"early, by --{stopped_by.replace('_', '-')}, at step {train_steps}"
-    usage = (f'from diffusers import DiffusionPipeline\n\npipe = DiffusionPipeline.from_pretrained("{pipeline_dir}")\n'
-             f'image = pipe("{prompt}", num_inference_steps={n}'
-             + (").images[0]" if baked else f", guidance_scale={guidance}).images[0]"))
+    # components the folder leaves out (SD3 without T5) must be named to from_pretrained; a size where the
+    # pipeline's default is not the model's (Flux)
+    absent = "".join(f", {k}=None" for k in teacher.absent_parts)
+    size = "".join(f", {k}={v}" for k, v in teacher.sample_kwargs().items())
+    usage = (f'from diffusers import DiffusionPipeline\n\npipe = DiffusionPipeline.from_pretrained("{pipeline_dir}"{absent})\n'
+             f'image = pipe("{prompt}", num_inference_steps={n}{size}'
+             + (").images[0]" if scale_ignored else f", guidance_scale={guidance}).images[0]"))
     if table:
         table = (f"{run.benchmark_samples} samples per step count, FID/KID against the real digits with the shipped "
                  f"digits classifier as feature extractor (`diffdistill bench`).\n\n" + table)

@@ -3,9 +3,10 @@ heads that classify tapped features, the attention-processor swap that double ba
 frozen feature networks of ADD/LADD's discriminator, and ``frozen``: a generator's loss read through a critic
 without training the critic.
 
-ADD taps the frozen teacher's down and mid blocks, DMD2's GAN head taps the fake score network's mid
-block, and feature knowledge distillation taps matching blocks of teacher and student: all through
-:class:`FeatureTaps`, so a hook is registered, read and cleared in one way.
+ADD taps the frozen teacher's down and mid blocks (a transformer's blocks: SD3-Turbo's LADD), DMD2's GAN
+head taps the fake score network's mid block, and feature knowledge distillation taps matching blocks of
+teacher and student: all through :class:`FeatureTaps`, so a hook is registered, read and cleared in one way.
+A transformer block's image tokens (B, N, C) are folded back to the latent grid (B, C, h, w) as they are kept.
 """
 
 from __future__ import annotations
@@ -24,6 +25,19 @@ from .errors import UserError, require
 def first_output(output):
     """The tensor a block returns: diffusers' down blocks return (hidden, residuals), others a tensor."""
     return output[0] if isinstance(output, tuple) else output
+
+
+def image_tokens_as_grid(output) -> torch.Tensor:
+    """A joint transformer block's image stream, (encoder_hidden_states, hidden_states) -> hidden (B, N, C),
+    folded to the square latent-patch grid (B, C, sqrt N, sqrt N)."""
+    h = output[1] if isinstance(output, tuple) else output
+    side = int(round(h.shape[1] ** 0.5))
+    return h.transpose(1, 2).reshape(h.shape[0], h.shape[2], side, side)
+
+
+def is_transformer(net) -> bool:
+    """True for a diffusers transformer denoiser (SD3's MMDiT, Flux): it has ``transformer_blocks``."""
+    return hasattr(getattr(net, "module", net), "transformer_blocks")
 
 
 @contextlib.contextmanager
@@ -52,15 +66,16 @@ class FeatureTaps:
     untapped elsewhere. ``features`` maps name -> the latest output, in registration order.
     """
 
-    def __init__(self, modules: dict[str, torch.nn.Module], always: bool = False):
+    def __init__(self, modules: dict[str, torch.nn.Module], always: bool = False, pick=first_output):
         self.features: dict[str, torch.Tensor] = {}
         self._capturing = always
+        self._pick = pick  # block output -> the kept tensor (``stage_pick``)
         self._handles = [module.register_forward_hook(self._keeper(name)) for name, module in modules.items()]
 
     def _keeper(self, name: str):
         def keep(module, inputs, output):
             if self._capturing:
-                self.features[name] = first_output(output)
+                self.features[name] = self._pick(output)
         return keep
 
     def capture(self) -> _Capture:
@@ -92,15 +107,44 @@ class _Capture:
         self.taps._capturing = self._was
 
 
-def unet_stage_modules(unet, names: Iterable[str] = ()) -> dict[str, torch.nn.Module]:
-    """Named UNet blocks to tap: ``down.0``..``down.K``, ``mid``, ``up.0``.. (default: every down block + mid)."""
-    table = {f"down.{i}": b for i, b in enumerate(unet.down_blocks)}
-    table["mid"] = unet.mid_block
-    table.update({f"up.{i}": b for i, b in enumerate(unet.up_blocks)})
-    names = list(names) or [*(f"down.{i}" for i in range(len(unet.down_blocks))), "mid"]
+def stage_modules(net, names: Iterable[str] = ()) -> dict[str, torch.nn.Module]:
+    """Named blocks to tap. A UNet: ``down.0``..``down.K``, ``mid``, ``up.0``.. (default: every down block + mid);
+    a transformer: ``block.0``..``block.K`` and ``mid`` (the middle block) (default: every block)."""
+    if is_transformer(net):
+        blocks = getattr(net, "module", net).transformer_blocks
+        table = {f"block.{i}": b for i, b in enumerate(blocks)}
+        table["mid"] = blocks[len(blocks) // 2]
+        default = [f"block.{i}" for i in range(len(blocks))]
+    else:
+        table = {f"down.{i}": b for i, b in enumerate(net.down_blocks)}
+        table["mid"] = net.mid_block
+        table.update({f"up.{i}": b for i, b in enumerate(net.up_blocks)})
+        default = [*(f"down.{i}" for i in range(len(net.down_blocks))), "mid"]
+    names = list(names) or default
     unknown = [n for n in names if n not in table]
-    require(not unknown, f"unknown UNet block(s) {', '.join(unknown)}; choose from {', '.join(table)}")
+    kind = "transformer" if is_transformer(net) else "UNet"
+    require(not unknown, f"unknown {kind} block(s) {', '.join(unknown)}; choose from {', '.join(table)}")
     return {n: table[n] for n in names}
+
+
+unet_stage_modules = stage_modules  # the former name
+
+
+def stage_channels(net, names: Iterable[str] = ()) -> list[int]:
+    """Channels of the feature maps that ``stage_modules(net, names)`` keep."""
+    cfg = getattr(net, "module", net).config
+    if is_transformer(net):
+        return [cfg.num_attention_heads * cfg.attention_head_dim] * len(stage_modules(net, names))
+    width = {f"down.{i}": c for i, c in enumerate(cfg.block_out_channels)}
+    width["mid"] = cfg.block_out_channels[-1]
+    width.update({f"up.{i}": c for i, c in enumerate(reversed(cfg.block_out_channels))})
+    return [width[n] for n in stage_modules(net, names)]
+
+
+def stage_pick(net):
+    """How a tapped block's output becomes a feature map: ``first_output`` for UNet blocks, the image tokens
+    folded to the grid for transformer blocks."""
+    return image_tokens_as_grid if is_transformer(net) else first_output
 
 
 def use_classic_attention(module: torch.nn.Module) -> torch.nn.Module:
@@ -110,8 +154,19 @@ def use_classic_attention(module: torch.nn.Module) -> torch.nn.Module:
     least), the classic matmul-softmax processor has."""
     from diffusers.models.attention_processor import AttnProcessor
 
+    if is_transformer(module):  # joint (MMDiT) attention has its own processors: see ``math_attention``
+        return module
     module.set_attn_processor(AttnProcessor())
     return module
+
+
+def math_attention(on: bool = True):
+    """Context: scaled_dot_product_attention on PyTorch's math kernel (differentiable twice) when ``on``."""
+    if not on:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH])
 
 
 class FeatureHead(torch.nn.Module):
@@ -134,27 +189,41 @@ class FeatureHead(torch.nn.Module):
 
 
 class TeacherFeatureNetwork(torch.nn.Module):
-    """LADD: the frozen teacher UNet's down/mid-block features on noised latents, and its noise embedding."""
+    """LADD: the frozen teacher network's features on noised latents (a UNet's down/mid blocks, a transformer's
+    blocks), and its noise embedding. ``denoiser`` (``Teacher.denoiser(unet)``) calls it as its family does
+    (default: a UNet called with the timesteps as given)."""
 
-    def __init__(self, unet):
+    def __init__(self, unet, denoiser=None, double_backward: bool = False):
         super().__init__()
         self.unet = unet
-        self.taps = FeatureTaps(unet_stage_modules(unet))
-        self.temb_tap = FeatureTaps({"temb": unet.time_embedding})
+        self._denoiser = denoiser
+        if double_backward:
+            use_classic_attention(unet)
+        # a transformer keeps its joint-attention processors; their SDPA runs on the math kernel, which has
+        # the double backward R1 needs (the fused CPU and flash kernels have none)
+        self._math_attention = double_backward and is_transformer(unet)
+        self.taps = FeatureTaps(stage_modules(self.unet), pick=stage_pick(self.unet))
+        # the noise-level embedding: a UNet's time_embedding, an MMDiT's time_text_embed (noise level + pooled text)
+        temb = self.unet.time_text_embed if is_transformer(self.unet) else self.unet.time_embedding
+        self.temb_tap = FeatureTaps({"temb": temb})
 
     def channels(self) -> list[int]:
         """Channels of each tapped feature map."""
-        cfg = self.unet.config
-        return [*cfg.block_out_channels, cfg.block_out_channels[-1]]
+        return stage_channels(self.unet)
 
     def cond_dim(self, text_dim: int) -> int:
-        """Width of the conditioning vector: pooled text + the UNet's noise-level embedding."""
+        """Width of the conditioning vector: pooled text + the network's noise-level embedding."""
+        if is_transformer(self.unet):
+            return text_dim + stage_channels(self.unet, ["mid"])[0]
         return text_dim + self.unet.time_embedding.linear_2.out_features
 
     def forward(self, latents: torch.Tensor, t: torch.Tensor, text: torch.Tensor):
         """(features per block, conditioning vector = [pooled text, noise-level embedding])."""
-        with self.taps.capture(), self.temb_tap.capture():
-            self.unet(latents, t, encoder_hidden_states=text)
+        with self.taps.capture(), self.temb_tap.capture(), math_attention(self._math_attention):
+            if self._denoiser is None:
+                self.unet(latents, t, encoder_hidden_states=text)
+            else:
+                self._denoiser.model_output(latents, t, text)
         cond = torch.cat([text.mean(1).float(), self.temb_tap.features["temb"].float()], dim=1)
         return self.taps.values(), cond
 

@@ -1,11 +1,17 @@
-"""Pure probability-flow ODE steps between two discrete timesteps of a VP schedule.
+"""Pure probability-flow ODE steps between two discrete timesteps of a VP or a flow-matching schedule.
 
 Every solver has one signature, ``step(denoise, x, t, s, schedule) -> x_s``: it moves the VP sample
 ``x`` (B, C, H, W) at timesteps ``t`` (B,) to timesteps ``s`` (B,) with s < t, calling
 ``denoise(x, t) -> (x0, eps)`` (see ``denoiser.Denoiser.x0_eps``). A timestep s < 0 means "past
 t = 0", i.e. ``schedule.final_alphas_cumprod``. Teacher targets in training and the reference
 samplers in tests use these functions; ``tests/test_solvers.py`` checks them step for step against
-diffusers' DDIMScheduler, EulerDiscreteScheduler and HeunDiscreteScheduler.
+diffusers' DDIMScheduler, EulerDiscreteScheduler and HeunDiscreteScheduler, and the flow steps against
+FlowMatchEulerDiscreteScheduler and FlowMatchHeunDiscreteScheduler.
+
+On a flow-matching schedule (``denoiser.FlowMatchSchedule``, x = (1 - sigma) x0 + sigma eps) the ODE is
+dx/dsigma = v = eps - x0, and ``ddim_step`` is exactly its Euler step (``flow_euler_step``): both land on
+(1 - sigma_s) x0 + sigma_s eps. The VE-coordinate ``euler_step``/``heun_step`` divide by alpha, which is 0 at
+sigma = 1; ``solver_for`` gives the flow steps their names there.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from .denoiser import NoiseSchedule
+from .denoiser import FlowMatchSchedule, NoiseSchedule
 
 DenoiseFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -62,22 +68,51 @@ def heun_step(denoise: DenoiseFn, x: torch.Tensor, t: torch.Tensor, s: torch.Ten
     return torch.where(sig_s > 0, y_heun, y_euler) * alpha_s
 
 
+def flow_euler_step(denoise: DenoiseFn, x: torch.Tensor, t: torch.Tensor, s: torch.Tensor, schedule) -> torch.Tensor:
+    """Euler on the flow ODE dx/dsigma = v, v = eps - x0 (FlowMatchEulerDiscreteScheduler.step)."""
+    _, sig_t = schedule.alpha_sigma(t, like=x)
+    _, sig_s = schedule.alpha_sigma(s, like=x)
+    x0, eps = denoise(x, t)
+    return x + (sig_s - sig_t) * (eps - x0)
+
+
+def flow_heun_step(denoise: DenoiseFn, x: torch.Tensor, t: torch.Tensor, s: torch.Tensor, schedule) -> torch.Tensor:
+    """Heun's second-order step on the flow ODE (FlowMatchHeunDiscreteScheduler); plain Euler where sigma_s = 0."""
+    _, sig_t = schedule.alpha_sigma(t, like=x)
+    _, sig_s = schedule.alpha_sigma(s, like=x)
+    x0, eps = denoise(x, t)
+    v = eps - x0
+    x_euler = x + (sig_s - sig_t) * v
+    x0_s, eps_s = denoise(x_euler, torch.as_tensor(s, device=x.device).clamp(min=0))  # s < 0 is masked below
+    x_heun = x + (sig_s - sig_t) * 0.5 * (v + (eps_s - x0_s))
+    return torch.where(sig_s > 0, x_heun, x_euler)
+
+
 SOLVERS: dict[str, Callable[..., torch.Tensor]] = {"ddim": ddim_step, "euler": euler_step, "heun": heun_step}
+# The same names on a flow-matching schedule: DDIM is the flow Euler step there (module docstring).
+FLOW_SOLVERS: dict[str, Callable[..., torch.Tensor]] = {"ddim": ddim_step, "euler": flow_euler_step,
+                                                        "heun": flow_heun_step}
 
 
-def get_solver(name: str) -> Callable[..., torch.Tensor]:
-    """Look up a solver step by name (ddim, euler, heun)."""
+def get_solver(name: str, schedule=None) -> Callable[..., torch.Tensor]:
+    """Look up a solver step by name (ddim, euler, heun) for ``schedule``'s process (VP when None)."""
+    table = FLOW_SOLVERS if is_flow(schedule) else SOLVERS
     try:
-        return SOLVERS[name]
+        return table[name]
     except KeyError:
         raise ValueError(f"unknown solver {name!r}; expected one of {sorted(SOLVERS)}") from None
+
+
+def is_flow(schedule) -> bool:
+    """True for a flow-matching schedule (x = (1 - sigma) x0 + sigma eps)."""
+    return isinstance(schedule, FlowMatchSchedule)
 
 
 def sample_loop(
     denoise: DenoiseFn, x: torch.Tensor, timesteps: list[int], schedule: NoiseSchedule, solver: str = "ddim"
 ) -> torch.Tensor:
     """Integrate from timesteps[0] down through each grid point and past t = 0 (s = -1 at the end)."""
-    step = get_solver(solver)
+    step = get_solver(solver, schedule)
     b = x.shape[0]
     for i, t in enumerate(timesteps):
         s = timesteps[i + 1] if i + 1 < len(timesteps) else -1

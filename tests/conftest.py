@@ -47,3 +47,27 @@ def _fresh_accelerate_state():
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(True)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3(tmp_path_factory):
+    """Path of an untrained (random) tiny SD3 pipeline: MMDiT, CLIP pair + tiny T5, shifted flow matching."""
+    from diffdistill.tiny_pipelines import save_sd3_pipeline
+
+    return save_sd3_pipeline(tmp_path_factory.mktemp("tiny-sd3") / "pipe")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory):
+    """Path of an untrained (random) tiny SDXL pipeline: added text_time conditions, two CLIP text encoders."""
+    from diffdistill.tiny_pipelines import save_sdxl_pipeline
+
+    return save_sdxl_pipeline(tmp_path_factory.mktemp("tiny-sdxl") / "pipe")
+
+
+@pytest.fixture(scope="session")
+def tiny_flux(tmp_path_factory):
+    """Path of an untrained (random) tiny Flux-dev-style pipeline: packed latents, guidance input, dynamic shift."""
+    from diffdistill.tiny_pipelines import save_flux_pipeline
+
+    return save_flux_pipeline(tmp_path_factory.mktemp("tiny-flux") / "pipe")

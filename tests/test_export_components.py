@@ -44,7 +44,9 @@ def test_a_pndm_teachers_export_scheduler_has_only_the_target_class_keys(preset,
     if preset == "lcm":
         sch, cls = lcm_scheduler(pndm, 50, 10.0, "epsilon"), LCMScheduler
     else:
-        method = SimpleNamespace(teacher=SimpleNamespace(prediction_type="epsilon"))
+        from diffdistill.teachers import Teacher
+
+        method = SimpleNamespace(teacher=Teacher(pipe=None, schedule=None, prediction_type="epsilon", source=""))
         sch, cls = ProgressiveDistillation.export_scheduler(method, pndm), EulerDiscreteScheduler
     sch.save_pretrained(str(tmp_path))
     saved = json.loads((tmp_path / "scheduler_config.json").read_text())

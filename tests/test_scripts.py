@@ -57,7 +57,8 @@ def test_shipped_yaml_presets_resolve_with_their_guidance(preset, tmp_path, caps
     assert main(["distill", "--config", str(ROOT / preset), "--output", str(tmp_path / "run"), "--dry-run"]) == 0
     cfg = json.loads(capsys.readouterr().out)["config"]
     teacher = {"digits/add.yaml": 1.5, "digits/dmd.yaml": 1.5, "digits/sds.yaml": 2.0, "sd15/add.yaml": 7.5,
-               "sd15/dmd.yaml": 1.75, **{f"digits/dmd2{v}.yaml": 1.5 for v in ("", "_4step", "_gpu", "_4step_gpu")}}
+               "sd15/dmd.yaml": 1.75, "sd3/add.yaml": 7.0, "sdxl/dmd.yaml": 8.0,
+               **{f"digits/dmd2{v}.yaml": 1.5 for v in ("", "_4step", "_gpu", "_4step_gpu")}}
     export = {"digits/lcm.yaml": 1.5, "digits/progressive.yaml": 1.5, "sd15/lcm.yaml": 8.0, "sd15/progressive.yaml": 7.5}
     name = preset.removeprefix("train_scripts/")
     assert cfg["method_args"].get("teacher_guidance_scale") == teacher.get(name)

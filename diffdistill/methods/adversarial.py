@@ -29,9 +29,8 @@ from ..config import RunConfig, opt
 from ..data import has_images
 from ..denoiser import TIMESTEP_SCALING, Denoiser, consistency_output, one_step_sample
 from ..errors import require, require_at_least
-from ..features import FeatureHead, ImageFeatureNetwork, TeacherFeatureNetwork, frozen, use_classic_attention
-from ..solvers import lcm_grid, lcm_scheduler
-from ..students import student_from_teacher
+from ..features import FeatureHead, ImageFeatureNetwork, TeacherFeatureNetwork, frozen
+from ..solvers import lcm_grid
 from .base import DistillMethod
 from .guidance import TEACHER_GUIDANCE_RENAMED, teacher_guidance_option
 from .regression import RegressionOptions, RegressionPool, RegressionPoolState, regression_loss
@@ -198,20 +197,18 @@ class AdversarialDistillation(RegressionPoolState, DistillMethod):
 
     def setup(self, teacher) -> None:
         self.teacher = teacher
-        self.student = student_from_teacher(teacher.unet)
+        self.student = teacher.make_student()
         if self.cfg.feature_network == "teacher":
             # A separate frozen copy, so hooks never fire inside the teacher's distillation pass.
             import copy
 
             unet = copy.deepcopy(teacher.unet).float().requires_grad_(False).eval()
-            if self.cfg.r1_weight > 0:  # R1 differentiates the discriminator's gradient
-                use_classic_attention(unet)
-            self.features = TeacherFeatureNetwork(unet)
+            # R1 differentiates the discriminator's gradient: attention that has a double backward
+            self.features = TeacherFeatureNetwork(unet, teacher.denoiser(unet), double_backward=self.cfg.r1_weight > 0)
         else:
             self.features = ImageFeatureNetwork(self.cfg.feature_network, teacher.vae, teacher.vae.config.scaling_factor,
                                                 double_backward=self.cfg.r1_weight > 0)
-        text_dim = teacher.pipe.text_encoder.config.hidden_size
-        self.disc = Discriminator(self.features.channels(), self.features.cond_dim(text_dim)).to(teacher.unet.device)
+        self.disc = Discriminator(self.features.channels(), self.features.cond_dim(teacher.cond_dim)).to(teacher.unet.device)
         self.grid = lcm_grid(teacher.schedule.num_train_timesteps, self.cfg.student_timesteps)
         self.pool = RegressionPool(self.cfg.regression_pairs, self.cfg.regression_batch_size)
 
@@ -245,7 +242,7 @@ class AdversarialDistillation(RegressionPoolState, DistillMethod):
 
     def loss(self, phase: str, batch: dict, step: int):
         prepared = self._prepare(batch)
-        student = Denoiser(self.student, self.teacher.schedule, self.teacher.prediction_type)
+        student = self.teacher.denoiser(self.student)
         teacher = self.teacher.denoiser()
         if phase == "generator":
             if self.cfg.regression_weight > 0:
@@ -264,7 +261,7 @@ class AdversarialDistillation(RegressionPoolState, DistillMethod):
         return self.cfg.student_timesteps
 
     def export_scheduler(self, teacher_scheduler):
-        return lcm_scheduler(teacher_scheduler, self.cfg.student_timesteps, TIMESTEP_SCALING, self.teacher.prediction_type)
+        return self.teacher.consistency_scheduler(teacher_scheduler, self.cfg.student_timesteps, TIMESTEP_SCALING)
 
     def card_details(self) -> dict:
         c = self.cfg

@@ -66,9 +66,12 @@ class DistillMethod:
     @property
     def recommended_guidance_scale(self) -> float:
         """The guidance_scale written into the export's preset and card: --export-guidance-scale when
-        given (>= 0), else the method's ``default_guidance_scale()``."""
+        given (>= 0), else 1 for a teacher family whose network has no guidance embedding (SD3: the guidance
+        is baked in), else the method's ``default_guidance_scale()``."""
         if self.run.export_guidance_scale >= 0:
             return self.run.export_guidance_scale
+        if self.teacher is not None and not self.teacher.guidance_embedding:
+            return 1.0  # the student's guidance is baked in: a pipeline guidance_scale > 1 would add a CFG pass on top
         return self.default_guidance_scale()
 
     def default_guidance_scale(self) -> float:
@@ -78,6 +81,15 @@ class DistillMethod:
     # --- set-up -------------------------------------------------------------------------------
     def validate(self, teacher) -> None:
         """Checks that need the loaded teacher (raise UserError); runs before anything is written."""
+
+    def teacher_guidance_scales(self) -> tuple[float, float] | None:
+        """(lowest, highest) classifier-free guidance scale the method asks of the teacher (None: none)."""
+        cfg = self.cfg
+        if hasattr(cfg, "w_min"):
+            return (float(cfg.w_min), float(cfg.w_max))
+        if hasattr(cfg, "teacher_guidance_scale"):
+            return (float(cfg.teacher_guidance_scale),) * 2
+        return None
 
     def needs_images(self) -> str | None:
         """What in this run learns from data images (e.g. "consistency distillation"); None when prompts suffice."""

@@ -26,8 +26,8 @@ import torch
 from ..config import RunConfig, opt
 from ..denoiser import TIMESTEP_SCALING, Denoiser, consistency_output
 from ..errors import require
-from ..solvers import SOLVERS, get_solver, lcm_grid, lcm_scheduler
-from ..students import GUIDANCE_EMBED_DIM, student_from_teacher
+from ..solvers import SOLVERS, get_solver, lcm_grid
+from ..students import GUIDANCE_EMBED_DIM
 from .base import DistillMethod
 from .guidance import GuidanceRangeOptions
 
@@ -106,7 +106,7 @@ def consistency_loss(student: Denoiser, teacher: Denoiser, batch: dict, cfg: Con
         def guided_teacher(x, tt):
             return teacher.x0_eps(x, tt, cond, uncond, guidance_scale=w)
 
-        x_s = get_solver(cfg.solver)(guided_teacher, x_t, t, s, schedule)
+        x_s = get_solver(cfg.solver, schedule)(guided_teacher, x_t, t, s, schedule)
         tgt = target if target is not None else student
         x0_target, _ = tgt.x0_eps(x_s, s, cond, guidance_scale=w)
         f_target = consistency_output(x_s, x0_target, s, cfg.timestep_scaling)
@@ -125,10 +125,6 @@ def ema_update(target: torch.nn.Module, online: torch.nn.Module, decay: float) -
     # LCM recipe (--ema-decay, 0.95) from the first step.
     for pt, po in zip(target.parameters(), online.parameters()):
         pt.lerp_(po.detach().to(pt.dtype), 1.0 - decay)
-
-
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
-                "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj"]
 
 
 class ConsistencyDistillation(DistillMethod):
@@ -158,17 +154,18 @@ class ConsistencyDistillation(DistillMethod):
                 f"--num-ddim-timesteps ({self.cfg.num_ddim_timesteps}) exceeds the teacher's {t_train} train timesteps")
         require(self.run.steps <= self.cfg.num_ddim_timesteps,
                 f"--steps ({self.run.steps}) must not exceed --num-ddim-timesteps ({self.cfg.num_ddim_timesteps})")
+        self.cfg.require_trainable_guidance(teacher, baked=self.lora)
 
     def setup(self, teacher) -> None:
         self.teacher = teacher
         if self.lora:
             from peft import LoraConfig
 
-            self.student = student_from_teacher(teacher.unet)
+            self.student = teacher.make_student()
             self.student.requires_grad_(False)
             rank = self.cfg.lora_rank
             lora_cfg = LoraConfig(r=rank, lora_alpha=self.cfg.lora_alpha or rank, init_lora_weights="gaussian",
-                                  target_modules=LORA_TARGETS)
+                                  target_modules=teacher.lora_targets)
             self.student.add_adapter(lora_cfg)
             for p in self.student.parameters():  # LoRA weights train in fp32 even under mixed precision
                 if p.requires_grad:
@@ -176,7 +173,7 @@ class ConsistencyDistillation(DistillMethod):
         else:
             # One scale: baked in, no embedding to learn (export_pipeline adds an inert one).
             embed_dim = None if self.cfg.fixed_guidance else GUIDANCE_EMBED_DIM
-            self.student = student_from_teacher(teacher.unet, embed_dim)
+            self.student = teacher.make_student(embed_dim)
             if self.cfg.ema_decay > 0:
                 self.target = copy.deepcopy(self.student).requires_grad_(False).eval()
 
@@ -187,9 +184,8 @@ class ConsistencyDistillation(DistillMethod):
         return None
 
     def loss(self, phase: str, batch: dict, step: int):
-        sched, pt = self.teacher.schedule, self.teacher.prediction_type
-        student = Denoiser(self.student, sched, pt)
-        target = Denoiser(self.target, sched, pt) if self.target is not None else None
+        student = self.teacher.denoiser(self.student)
+        target = self.teacher.denoiser(self.target) if self.target is not None else None
         return consistency_loss(student, self.teacher.denoiser(), self.teacher.encode_batch(batch, self.needs_images()),
                                 self.cfg, target)
 
@@ -221,7 +217,7 @@ class ConsistencyDistillation(DistillMethod):
             if isinstance(module, BaseTunerLayer):
                 module.merge()
         state = {k.replace(".base_layer.", "."): v for k, v in merged.state_dict().items() if "lora_" not in k}
-        fused = student_from_teacher(self.teacher.unet)
+        fused = self.teacher.make_student()
         fused.load_state_dict(state)
         return fused.eval().requires_grad_(False)
 
@@ -229,8 +225,7 @@ class ConsistencyDistillation(DistillMethod):
         return self.cfg.num_ddim_timesteps
 
     def export_scheduler(self, teacher_scheduler):
-        return lcm_scheduler(teacher_scheduler, self.cfg.num_ddim_timesteps, self.cfg.timestep_scaling,
-                             self.teacher.prediction_type)
+        return self.teacher.consistency_scheduler(teacher_scheduler, self.cfg.num_ddim_timesteps, self.cfg.timestep_scaling)
 
     def lora_state_dict(self, unwrap):
         if not self.lora:
@@ -244,10 +239,11 @@ class ConsistencyDistillation(DistillMethod):
 
     def card_details(self) -> dict:
         c = self.cfg
+        net = type(self.teacher.unet).__name__ if self.teacher is not None else "UNet"
         if self.lora:
-            student = f"LoRA rank {c.lora_rank} on the teacher UNet"
+            student = f"LoRA rank {c.lora_rank} on the teacher {net}"
         elif c.fixed_guidance:
-            student = f"full UNet; guidance w = {c.w_min} baked in"
+            student = f"full {net}; guidance w = {c.w_min} baked in"
         else:
             student = f"full UNet with a {GUIDANCE_EMBED_DIM}-d guidance embedding (time_cond_proj_dim)"
         return {

@@ -44,6 +44,13 @@ class GuidanceRangeOptions:
         require(self.w_min >= 0, f"--w-min must be >= 0, got {self.w_min}")
         require(self.w_min <= self.w_max, f"--w-min ({self.w_min}) must not exceed --w-max ({self.w_max})")
 
+    def require_trainable_guidance(self, teacher, baked: bool = False) -> None:
+        """A guidance range needs a guidance embedding to learn it: a teacher family whose network has none
+        (SD3's MMDiT) takes one scale, which the student bakes in (``baked``: the method bakes it anyway)."""
+        require(baked or self.w_min == self.w_max or teacher.guidance_embedding,
+                f"a {teacher.family} teacher's network has no guidance embedding to train: give one teacher guidance "
+                f"scale (--w-min equal to --w-max), which the student bakes in")
+
     def middle_guidance_scale(self) -> float:
         """The middle of [w_min, w_max]: what the export recommends unless --export-guidance-scale says otherwise."""
         return 0.5 * (self.w_min + self.w_max)

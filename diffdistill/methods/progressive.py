@@ -29,8 +29,8 @@ import torch
 from ..config import RunConfig, opt
 from ..denoiser import Denoiser, NoiseSchedule
 from ..errors import UserError, require
-from ..solvers import ddim_step, scheduler_from_config, trailing_grid
-from ..students import GUIDANCE_EMBED_DIM, student_from_teacher
+from ..solvers import ddim_step, trailing_grid
+from ..students import GUIDANCE_EMBED_DIM
 from .base import DistillMethod
 from .guidance import GuidanceRangeOptions
 
@@ -183,6 +183,9 @@ class ProgressiveDistillation(DistillMethod):
     def default_guidance_scale(self) -> float:
         return self.cfg.middle_guidance_scale()
 
+    def validate(self, teacher) -> None:
+        self.cfg.require_trainable_guidance(teacher)
+
     def total_steps(self) -> int:
         """The guidance stage plus every halving stage: the run's length, whatever --max-train-steps says."""
         return self._total_steps
@@ -190,8 +193,8 @@ class ProgressiveDistillation(DistillMethod):
     def setup(self, teacher) -> None:
         self.teacher = teacher
         # Exact clean end: the schedule goes past t = 0 to alpha = 1, as the exported Euler preset does.
-        self.schedule = NoiseSchedule(teacher.schedule.alphas_cumprod, final_alphas_cumprod=1.0)
-        self.student = student_from_teacher(teacher.unet, GUIDANCE_EMBED_DIM)
+        self.schedule = teacher.schedule.with_clean_end()
+        self.student = teacher.make_student(GUIDANCE_EMBED_DIM if teacher.guidance_embedding else None)
         self.stage_teacher = copy.deepcopy(self.student).requires_grad_(False).eval()
 
     def stage_at(self, step: int) -> Stage:
@@ -230,14 +233,14 @@ class ProgressiveDistillation(DistillMethod):
     def loss(self, phase: str, batch: dict, step: int):
         stage = self.current
         prepared = self.teacher.encode_batch(batch, self.needs_images())
-        student = Denoiser(self.student, self.schedule, self.teacher.prediction_type)
+        student = self.teacher.denoiser(self.student, self.schedule)
         if stage.kind == "guidance":
-            teacher = Denoiser(self.teacher.unet, self.schedule, self.teacher.prediction_type)
+            teacher = self.teacher.denoiser(schedule=self.schedule)
             return guidance_distillation_loss(student, teacher, prepared, self.cfg)
         if stage.index == 0:  # no guidance stage: the first teacher is the original one, with CFG
-            teacher = Denoiser(self.teacher.unet, self.schedule, self.teacher.prediction_type)
+            teacher = self.teacher.denoiser(schedule=self.schedule)
         else:
-            teacher = Denoiser(self.stage_teacher, self.schedule, self.teacher.prediction_type)
+            teacher = self.teacher.denoiser(self.stage_teacher, self.schedule)
         prepared["grid"] = trailing_grid(self.schedule.num_train_timesteps, 2 * stage.student_steps)
         loss, logs = progressive_loss(student, teacher, prepared, self.cfg)
         return loss, {**logs, "stage": float(stage.index), "student_steps": float(stage.student_steps)}
@@ -246,11 +249,7 @@ class ProgressiveDistillation(DistillMethod):
         return {"student": self.student, "stage_teacher": self.stage_teacher}
 
     def export_scheduler(self, teacher_scheduler):
-        from diffusers import EulerDiscreteScheduler
-
-        return scheduler_from_config(
-            EulerDiscreteScheduler, teacher_scheduler.config, timestep_spacing="trailing", steps_offset=0, use_karras_sigmas=False,
-            final_sigmas_type="zero", prediction_type=self.teacher.prediction_type, interpolation_type="linear")
+        return self.teacher.euler_scheduler(teacher_scheduler)
 
     def card_details(self) -> dict:
         c = self.cfg

@@ -27,11 +27,10 @@ import torch
 import torch.nn.functional as F
 
 from ..config import RunConfig, opt
-from ..denoiser import TIMESTEP_SCALING, Denoiser, NoiseSchedule, consistency_output, one_step_sample
+from ..denoiser import TIMESTEP_SCALING, AffineSchedule, Denoiser, consistency_output, one_step_sample, unet_call
 from ..errors import require, require_at_least
-from ..features import FeatureHead, FeatureTaps, frozen, unet_stage_modules
-from ..solvers import lcm_grid, lcm_scheduler
-from ..students import student_from_teacher
+from ..features import FeatureHead, FeatureTaps, frozen, stage_channels, stage_modules, stage_pick
+from ..solvers import lcm_grid
 from .base import DistillMethod
 from .guidance import TEACHER_GUIDANCE_RENAMED, teacher_guidance_option
 from .regression import RegressionOptions, RegressionPool, RegressionPoolState, regression_loss
@@ -65,10 +64,10 @@ class OneStepUNetGenerator(DifferentiableGenerator):
     """A few-step UNet student f(x_t, t) = c_skip x_t + c_out x0_hat (denoiser.py), the map the exported
     LCMScheduler applies at each step; ``forward`` is its one-step use: pure noise at t = T - 1 -> latents."""
 
-    def __init__(self, unet, schedule, prediction_type: str):
+    def __init__(self, unet, schedule, prediction_type: str, call=unet_call):
         super().__init__()
         self.unet = unet
-        self.denoiser = Denoiser(unet, schedule, prediction_type)
+        self.denoiser = Denoiser(unet, schedule, prediction_type, call=call)
 
     def at(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """f(x_t, t): the student's clean sample from x_t at timesteps t (B,)."""
@@ -86,7 +85,7 @@ def student_timestep_grid(num_train_timesteps: int, n: int) -> torch.Tensor:
 
 
 def backward_simulate(student_fn, noise: torch.Tensor, timesteps: torch.Tensor, k: torch.Tensor,
-                      schedule: NoiseSchedule, renoise: list[torch.Tensor] | None = None) -> torch.Tensor:
+                      schedule: AffineSchedule, renoise: list[torch.Tensor] | None = None) -> torch.Tensor:
     """DMD2's backward simulation (Yin et al. 2024, sec. 4.5): the student's input at ``timesteps[k]`` per sample.
 
     Starting from pure noise (B, C, h, w) at timesteps[0], each earlier step applies the student,
@@ -246,17 +245,21 @@ class ScoreDistillation(RegressionPoolState, DistillMethod):
         t_train = teacher.schedule.num_train_timesteps
         require(self.cfg.t_max < t_train, f"--t-max must be < {t_train} (the teacher's timesteps), got {self.cfg.t_max}")
         require(self.run.steps <= t_train, f"--steps must be <= {t_train} (the teacher's timesteps), got {self.run.steps}")
+        # A flow family's export samples deterministically (FlowMatchEulerDiscreteScheduler) where backward
+        # simulation re-noises with fresh noise: the same map at one step only.
+        require(self.run.steps == 1 or teacher.prediction_type != "flow",
+                f"--method {self.name} --steps {self.run.steps}: few-step students of flow-matching teachers "
+                "(SD3, Flux) are not supported yet; use --steps 1")
 
     def setup(self, teacher) -> None:
         self.teacher = teacher
-        self.student = student_from_teacher(teacher.unet)
+        self.student = teacher.make_student()
         if self.use_fake_score:
-            self.fake = student_from_teacher(teacher.unet)
+            self.fake = teacher.make_student()
         self.head = None
         if self.use_fake_score and self.cfg.gan_weight > 0:
-            self.tap = FeatureTaps(unet_stage_modules(self.fake, ["mid"]), always=True)
-            text_dim = teacher.pipe.text_encoder.config.hidden_size
-            self.head = FeatureHead(self.fake.config.block_out_channels[-1], text_dim).to(teacher.unet.device)
+            self.tap = FeatureTaps(stage_modules(self.fake, ["mid"]), always=True, pick=stage_pick(self.fake))
+            self.head = FeatureHead(stage_channels(self.fake, ["mid"])[0], teacher.cond_dim).to(teacher.unet.device)
         self.grid = student_timestep_grid(teacher.schedule.num_train_timesteps, self.run.steps).to(
             teacher.unet.device)
         # no regression term, no pool (DMD2): nothing is computed, held or checkpointed for it
@@ -297,7 +300,8 @@ class ScoreDistillation(RegressionPoolState, DistillMethod):
         return mods
 
     def _generator(self) -> OneStepUNetGenerator:
-        return OneStepUNetGenerator(self.student, self.teacher.schedule, self.teacher.prediction_type)
+        return OneStepUNetGenerator(self.student, self.teacher.schedule, self.teacher.prediction_type,
+                                    call=self.teacher.net_call)
 
     def _student_inputs(self, noise: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(x_{t_k}, t_k): each sample's input and timestep, k uniform over the student's timesteps, the input
@@ -321,7 +325,7 @@ class ScoreDistillation(RegressionPoolState, DistillMethod):
         if phase == "fake_score":
             with torch.no_grad():
                 samples = self._generator().at(x_in, t_in, cond)
-            fake = Denoiser(self.fake, self.teacher.schedule, self.teacher.prediction_type)
+            fake = self.teacher.denoiser(self.fake)
             if self.head is None:
                 loss = fake_score_loss(fake, samples, cond, t)
                 return loss, {"loss": loss.detach()}
@@ -340,7 +344,7 @@ class ScoreDistillation(RegressionPoolState, DistillMethod):
         gan = None
         if self.use_fake_score:
             fake_net = self.unwrap(self.fake)
-            fake = Denoiser(fake_net, self.teacher.schedule, self.teacher.prediction_type)
+            fake = self.teacher.denoiser(fake_net)
             x_t = fake_x0 = None
             if self.head is not None:
                 x_t = self.teacher.schedule.add_noise(x, torch.randn_like(x), t)
@@ -395,7 +399,7 @@ class ScoreDistillation(RegressionPoolState, DistillMethod):
     def export_scheduler(self, teacher_scheduler):
         # The student's timesteps (one: t = T - 1) with the same boundary scalings as OneStepUNetGenerator.at;
         # LCMScheduler re-noises between steps with fresh noise, as backward_simulate does in training.
-        return lcm_scheduler(teacher_scheduler, self.run.steps, TIMESTEP_SCALING, self.teacher.prediction_type)
+        return self.teacher.consistency_scheduler(teacher_scheduler, self.run.steps, TIMESTEP_SCALING)
 
     def card_details(self) -> dict:
         c = self.cfg

@@ -1,0 +1,142 @@
+"""The SD3/SD3.5 teacher adapter: ``SD3Transformer2DModel`` (MMDiT) on the flow-matching process, two CLIP
+text encoders plus an optional T5 (``text_encoder_3=None``: its tokens are zeros, as diffusers runs it).
+
+The conditioning the methods batch is one tensor (B, L + 1, D): the joint text tokens (CLIP pair padded to D,
+then T5) and, as the last row, the pooled CLIP embedding (B, P) zero-padded to D (P <= D for SD3: 2048 and
+4096). The transformer has no guidance embedding: students distil one teacher guidance scale into their
+weights and the export is sampled with guidance_scale 1 (one pass per step).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..denoiser import FlowMatchSchedule
+from ..errors import UserError, require
+from .sd import Teacher
+
+# peft target modules of a LoRA on an MMDiT: the image and the text streams' attention projections
+# (diffusers' SD3 DreamBooth-LoRA default).
+TRANSFORMER_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
+                            "to_add_out"]
+
+
+def pack_conditioning(tokens: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+    """(B, L, D) tokens + (B, P) pooled -> (B, L + 1, D), the pooled vector zero-padded as the last row."""
+    require(pooled.shape[-1] <= tokens.shape[-1],
+            f"pooled width {pooled.shape[-1]} exceeds the token width {tokens.shape[-1]}: cannot pack the conditioning")
+    return torch.cat([tokens, torch.nn.functional.pad(pooled, (0, tokens.shape[-1] - pooled.shape[-1]))[:, None]], 1)
+
+
+def flow_euler_preset(teacher_scheduler):
+    """FlowMatchEulerDiscreteScheduler with the teacher's shift (one step: sigma 1 -> 0, the noise level every
+    one-step student trains on; more steps: diffusers' shifted grid, see the README's flow-matching section)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from ..solvers import scheduler_from_config
+
+    return scheduler_from_config(FlowMatchEulerDiscreteScheduler, teacher_scheduler.config,
+                                 use_karras_sigmas=False, use_exponential_sigmas=False,
+                                 use_beta_sigmas=False, invert_sigmas=False)
+
+
+class SD3Teacher(Teacher):
+    """A frozen SD3/SD3.5 teacher (StableDiffusion3Pipeline)."""
+
+    family = "sd3"
+    pipeline_class_name = "StableDiffusion3Pipeline"
+    lora_targets = TRANSFORMER_LORA_TARGETS
+    lora_layers_key = "transformer_lora_layers"
+    guidance_embedding = False
+    prediction_type_of_family = "flow"
+    # diffusers' default T5 length in StableDiffusion3Pipeline.__call__: training conditions on the same tokens
+    max_sequence_length = 256
+
+    @staticmethod
+    def flow_schedule(pipe) -> FlowMatchSchedule:
+        """The teacher's flow-matching training schedule (static shift; SD3 has no dynamic shifting)."""
+        return FlowMatchSchedule.from_scheduler(pipe.scheduler)
+
+    @classmethod
+    def check_folder(cls, folder) -> None:
+        """The scheduler config must state the timestep shift the teacher was trained with: diffusers would
+        silently fill in 1.0 (no shift), and every noise level of the distillation would be off."""
+        import json
+        from pathlib import Path
+
+        path = Path(folder) / "scheduler" / "scheduler_config.json"
+        try:
+            config = json.loads(path.read_text())
+        except (OSError, ValueError):
+            raise UserError(f"teacher {folder}: cannot read {path}") from None
+        require("shift" in config or config.get("use_dynamic_shifting", False),
+                f"teacher {folder}: {path} has no 'shift' (the flow-matching teacher's timestep shift, e.g. 3.0 for SD3)")
+
+    @property
+    def unet(self):
+        """The denoising network: the MMDiT transformer."""
+        return self.pipe.transformer
+
+    def frozen_parts(self) -> list[torch.nn.Module]:
+        encoders = [self.pipe.text_encoder, self.pipe.text_encoder_2, self.pipe.text_encoder_3]
+        return [self.pipe.transformer, self.pipe.vae, *(e for e in encoders if e is not None)]
+
+    @property
+    def cond_dim(self) -> int:
+        return self.unet.config.joint_attention_dim
+
+    def net_call(self, net, x_t, timestep, cond, timestep_cond=None):
+        """SD3Transformer2DModel(hidden_states, timestep = sigma * 1000, joint tokens, pooled) -> velocity."""
+        pooled = cond[:, -1, : self.unet.config.pooled_projection_dim]
+        return net(hidden_states=x_t, timestep=timestep, encoder_hidden_states=cond[:, :-1],
+                   pooled_projections=pooled, return_dict=False)[0]
+
+    @torch.no_grad()
+    def _encode(self, prompts: list[str]) -> torch.Tensor:
+        """StableDiffusion3Pipeline.encode_prompt, packed (module docstring): (B, L + 1, D)."""
+        device = self.pipe.text_encoder.device
+        tokens, _, pooled, _ = self.pipe.encode_prompt(prompts, None, None, device=device,
+                                                       do_classifier_free_guidance=False,
+                                                       max_sequence_length=self.max_sequence_length)
+        return pack_conditioning(tokens, pooled)
+
+    def make_student(self, time_cond_proj_dim: int | None = None):
+        """A trainable float32 copy of the transformer (it has no guidance embedding to add)."""
+        from ..loading import quiet_loading
+
+        require(time_cond_proj_dim is None, f"the {self.family} transformer has no guidance embedding: distil one "
+                                            "teacher guidance scale (--w-min equal to --w-max)")
+        with quiet_loading():
+            student = type(self.unet).from_config(dict(self.unet.config))
+        student.load_state_dict(self.unet.state_dict())
+        with quiet_loading():
+            student.to(device=self.unet.device, dtype=torch.float32)
+        return student.train().requires_grad_(True)
+
+    def export_net(self, net):
+        return net
+
+    def guidance_baked(self, net) -> bool:
+        return True  # no guidance embedding: the student's guidance is its teacher's scale, in its weights
+
+    net_key = "transformer"
+
+    def build_pipeline(self, net, scheduler, dtype_of_teacher: bool = True, safety: bool = False):
+        """The family's pipeline (StableDiffusion3Pipeline, FluxPipeline) from the teacher's VAE, text encoders
+        and tokenizers plus ``net``."""
+        return self._pipeline_from_parts(net, scheduler, dtype_of_teacher)
+
+    def reload_kwargs(self) -> dict:
+        return dict(self.absent_parts)
+
+    def consistency_scheduler(self, teacher_scheduler, original_inference_steps: int, timestep_scaling: float):
+        """FlowMatchEulerDiscreteScheduler (deterministic: each step moves to the next noise level along the
+        student's x0, DDIM-style consistency sampling; diffusers' FlowMatchLCMScheduler would re-noise with
+        noise the pipeline's generator does not seed). The boundary scalings are ~(0, 1) at every noise level
+        it samples (c_skip < 1e-5 from sigma = 0.02 up), so the student's x0 is its consistency output there."""
+        return flow_euler_preset(teacher_scheduler)
+
+    def euler_scheduler(self, teacher_scheduler):
+        return flow_euler_preset(teacher_scheduler)
+
+
