@@ -149,6 +149,12 @@ def test_guidance_range_on_a_teacher_without_guidance_embedding_is_refused(tiny_
     assert "no guidance embedding" in _bad_run(tiny_sd3, tmp_path, capsys, *args)
 
 
+def test_dmd2_few_step_student_on_a_flow_teacher_is_refused(tiny_sd3, tmp_path, capsys):
+    # backward simulation re-noises between steps; the flow export's Euler scheduler would not
+    err = _bad_run(tiny_sd3, tmp_path, capsys, "--method", "dmd", "--steps", "2", "--regression-weight", "0")
+    assert "few-step students of flow-matching teachers" in err
+
+
 def test_flux_without_guidance_input_refuses_a_teacher_guidance_needing_two_passes(tmp_path, capsys):
     from diffdistill.tiny_pipelines import save_flux_pipeline
 
