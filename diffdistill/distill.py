@@ -114,6 +114,7 @@ def run_distill(run: RunConfig, dry_run: bool = False) -> dict:
                            device=accelerator.device, dtype=weight_dtype(run.train.mixed_precision),
                            safety_checker=not run.drop_safety_checker)
     method.validate(teacher)
+    method.initial_unet(teacher)  # --student-from is loaded and checked before anything is written
     dataset = build_dataset(run.data, teacher.image_size)
     require(len(dataset) > 0, f"--dataset {run.data.dataset}: no examples")
     if method.needs_images() is not None:

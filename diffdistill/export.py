@@ -33,14 +33,15 @@ def float32(module: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(module).to(torch.float32)
 
 
-def build_pipeline(teacher, unet, scheduler, dtype_of_teacher: bool = True, safety: bool = False):
-    """A StableDiffusionPipeline from the teacher's VAE, text encoder and tokenizer plus ``unet`` and ``scheduler``.
+def build_pipeline(teacher, unet, scheduler, dtype_of_teacher: bool = True, safety: bool = False, vae=None):
+    """A StableDiffusionPipeline from the teacher's VAE (or ``vae``, e.g. a distilled AutoencoderTiny), text encoder
+    and tokenizer plus ``unet`` and ``scheduler``.
 
     ``dtype_of_teacher=False`` takes float32 copies of a half-precision VAE and text encoder (for export);
     ``safety=True`` adds the teacher's safety checker and feature extractor where it has them (for export)."""
     from diffusers import StableDiffusionPipeline
 
-    vae, text_encoder = teacher.pipe.vae, teacher.pipe.text_encoder
+    vae, text_encoder = (teacher.pipe.vae if vae is None else vae), teacher.pipe.text_encoder
     if not dtype_of_teacher:
         vae, text_encoder = float32(vae), float32(text_encoder)
     parts = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
@@ -67,11 +68,12 @@ def verify_pipeline(folder: Path, prompt: str, steps: int, guidance_scale: float
 
 
 def export_pipeline(teacher, unet, scheduler, folder: Path, steps: int, guidance_scale: float,
-                    info: dict, prompt: str) -> Path:
+                    info: dict, prompt: str, vae=None, inert_guidance: bool = True) -> Path:
     """Write a StableDiffusionPipeline folder for ``unet`` + ``scheduler``, verified by reload-and-sample.
 
     ``info`` (method, steps, guidance, ...) is stored as ``diffdistill.json`` beside model_index.json.
-    A UNet without a guidance embedding is saved with an inert one (``with_inert_guidance_embedding``).
+    A UNet without a guidance embedding is saved with an inert one (``with_inert_guidance_embedding``) unless
+    ``inert_guidance=False`` (a student guided by the pipeline's CFG, like its teacher). ``vae``: see build_pipeline.
     """
     from .students import guidance_is_baked, with_inert_guidance_embedding
 
@@ -79,11 +81,13 @@ def export_pipeline(teacher, unet, scheduler, folder: Path, steps: int, guidance
     tmp = folder.with_name(f".{folder.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     # A student with its guidance baked in must not be guided again by the pipeline's default 7.5.
-    baked = guidance_is_baked(unet)
-    unet = with_inert_guidance_embedding(unet.to(torch.float32))
+    # a UNet guided by the pipeline's CFG (kd, the teacher's) bakes nothing; one with an inert embedding does
+    baked = guidance_is_baked(unet) and (inert_guidance or unet.config.time_cond_proj_dim is not None)
+    unet = unet.to(torch.float32)
+    unet = with_inert_guidance_embedding(unet) if inert_guidance else unet
     # Every component is saved in float32 (training may hold the teacher's VAE and text encoder in half
     # precision): a folder of mixed dtypes fails in a plain StableDiffusionPipeline call.
-    pipe = build_pipeline(teacher, unet, scheduler, dtype_of_teacher=False, safety=True)
+    pipe = build_pipeline(teacher, unet, scheduler, dtype_of_teacher=False, safety=True, vae=vae)
     try:
         with quiet_loading():
             pipe.save_pretrained(str(tmp), safe_serialization=True)
@@ -175,7 +179,8 @@ def export_student(run, method, teacher, pipeline_dir: Path, lora_dir: Path, pro
             **(DIGITS_MARKER if digits_student(run) else {})}
     unet = method.export_unet(unwrap)
     scheduler = method.export_scheduler(teacher.scheduler)
-    pipeline_dir = export_pipeline(teacher, unet, scheduler, Path(pipeline_dir), n, guidance, info, prompt)
+    pipeline_dir = export_pipeline(teacher, unet, scheduler, Path(pipeline_dir), n, guidance, info, prompt,
+                                   vae=method.export_vae(unwrap), inert_guidance=not method.needs_cfg())
     lora_state = method.lora_state_dict(unwrap)
     lora = None if lora_state is None else export_lora(teacher, lora_state, Path(lora_dir), scheduler, n, prompt)
     table = None

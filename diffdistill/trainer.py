@@ -297,7 +297,8 @@ class Trainer:
             m.eval()
         try:
             unet = self.method.export_unet(self.accelerator.unwrap_model)
-            pipe = build_pipeline(self.teacher, unet, self.method.export_scheduler(self.teacher.scheduler))
+            pipe = build_pipeline(self.teacher, unet, self.method.export_scheduler(self.teacher.scheduler),
+                                  vae=self.method.export_vae(self.accelerator.unwrap_model))
             prompts = self.validation_prompts()
             gens = [torch.Generator().manual_seed(1000 + i) for i in range(len(prompts))]
             with self.accelerator.autocast():

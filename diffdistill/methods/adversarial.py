@@ -197,7 +197,7 @@ class AdversarialDistillation(RegressionPoolState, DistillMethod):
 
     def setup(self, teacher) -> None:
         self.teacher = teacher
-        self.student = student_from_teacher(teacher.unet)
+        self.student = student_from_teacher(self.initial_unet(teacher))
         if self.cfg.feature_network == "teacher":
             # A separate frozen copy, so hooks never fire inside the teacher's distillation pass.
             import copy

@@ -164,7 +164,7 @@ class ConsistencyDistillation(DistillMethod):
         if self.lora:
             from peft import LoraConfig
 
-            self.student = student_from_teacher(teacher.unet)
+            self.student = student_from_teacher(self.initial_unet(teacher))
             self.student.requires_grad_(False)
             rank = self.cfg.lora_rank
             lora_cfg = LoraConfig(r=rank, lora_alpha=self.cfg.lora_alpha or rank, init_lora_weights="gaussian",
@@ -176,7 +176,7 @@ class ConsistencyDistillation(DistillMethod):
         else:
             # One scale: baked in, no embedding to learn (export_pipeline adds an inert one).
             embed_dim = None if self.cfg.fixed_guidance else GUIDANCE_EMBED_DIM
-            self.student = student_from_teacher(teacher.unet, embed_dim)
+            self.student = student_from_teacher(self.initial_unet(teacher), embed_dim)
             if self.cfg.ema_decay > 0:
                 self.target = copy.deepcopy(self.student).requires_grad_(False).eval()
 
@@ -215,7 +215,7 @@ class ConsistencyDistillation(DistillMethod):
             if isinstance(module, BaseTunerLayer):
                 module.merge()
         state = {k.replace(".base_layer.", "."): v for k, v in merged.state_dict().items() if "lora_" not in k}
-        fused = student_from_teacher(self.teacher.unet)
+        fused = student_from_teacher(self.initial_unet(self.teacher))
         fused.load_state_dict(state)
         return fused.eval().requires_grad_(False)
 

@@ -191,7 +191,7 @@ class ProgressiveDistillation(DistillMethod):
         self.teacher = teacher
         # Exact clean end: the schedule goes past t = 0 to alpha = 1, as the exported Euler preset does.
         self.schedule = NoiseSchedule(teacher.schedule.alphas_cumprod, final_alphas_cumprod=1.0)
-        self.student = student_from_teacher(teacher.unet, GUIDANCE_EMBED_DIM)
+        self.student = student_from_teacher(self.initial_unet(teacher), GUIDANCE_EMBED_DIM)
         self.stage_teacher = copy.deepcopy(self.student).requires_grad_(False).eval()
 
     def stage_at(self, step: int) -> Stage:

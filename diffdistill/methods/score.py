@@ -207,7 +207,7 @@ class ScoreDistillation(RegressionPoolState, DistillMethod):
 
     def setup(self, teacher) -> None:
         self.teacher = teacher
-        self.student = student_from_teacher(teacher.unet)
+        self.student = student_from_teacher(self.initial_unet(teacher))
         if self.use_fake_score:
             self.fake = student_from_teacher(teacher.unet)
         self.head = None
