@@ -217,3 +217,12 @@ def test_tiny_decoder_end_to_end_plain_diffusers_loads_the_tiny_vae(kd_run, tiny
     assert info["vae"] == "AutoencoderTiny" and info["shape"] == [1, 32, 32, 3] and info["finite"]
     # the UNet and scheduler of --student-from (the thin kd student, with CFG: two passes per step)
     assert info["unet"]["block_out_channels"] == [32, 64] and info["batch"] == 2
+
+
+def test_kd_and_tiny_decoder_recommend_the_guidance_of_the_unet_they_export(tiny_sd, kd_run):
+    from diffdistill.methods.tiny_decoder import TinyDecoderConfig, TinyDecoderDistillation
+
+    assert KnowledgeDistillation(KDConfig(), RunConfig(teacher="assets/digits-sd")).recommended_guidance_scale == 1.5
+    assert KnowledgeDistillation(KDConfig(), RunConfig(teacher=tiny_sd)).recommended_guidance_scale == 7.5
+    run = RunConfig(teacher=tiny_sd, student_from=str(kd_run / "pipeline"))
+    assert TinyDecoderDistillation(TinyDecoderConfig(), run).recommended_guidance_scale == 7.5  # kd_run's teacher's

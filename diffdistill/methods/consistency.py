@@ -158,6 +158,9 @@ class ConsistencyDistillation(DistillMethod):
                 f"--num-ddim-timesteps ({self.cfg.num_ddim_timesteps}) exceeds the teacher's {t_train} train timesteps")
         require(self.run.steps <= self.cfg.num_ddim_timesteps,
                 f"--steps ({self.run.steps}) must not exceed --num-ddim-timesteps ({self.cfg.num_ddim_timesteps})")
+        require(not (self.lora and self.run.student_from),
+                "--lora-rank with --student-from is not supported yet (the LoRA would belong to the --student-from "
+                "pipeline, not to the teacher it is exported for); train the full UNet")
 
     def setup(self, teacher) -> None:
         self.teacher = teacher

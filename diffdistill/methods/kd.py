@@ -18,7 +18,10 @@ unconditional prediction trained. It can then be the starting point of step dist
 
 from __future__ import annotations
 
+import contextlib
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +67,15 @@ class KDConfig:
     def block_names(self) -> list[str]:
         """The --kd-blocks names ([]: the default choice)."""
         return [b.strip() for b in self.kd_blocks.split(",") if b.strip()]
+
+
+def recommended_guidance(pipeline: str, default: float) -> float:
+    """The guidance_scale a pipeline folder's diffdistill.json recommends (digits-SD: 1.5), else ``default``
+    (diffusers' 7.5 for a plain teacher)."""
+    info = Path(pipeline) / "diffdistill.json"
+    with contextlib.suppress(OSError, ValueError, KeyError, AttributeError, TypeError):
+        return float(json.loads(info.read_text())["recommended_guidance_scale"])
+    return default
 
 
 def feature_pairs(teacher_config, student_config, chosen: list[str]) -> dict[str, tuple[str, int, int]]:
@@ -134,7 +146,7 @@ class KnowledgeDistillation(FeatureKDMethod):
         self.pairs: dict[str, tuple[str, int, int]] = {}
 
     def default_guidance_scale(self) -> float:
-        return 7.5  # diffusers' default: the student is guided like its teacher (presets give the teacher's scale)
+        return recommended_guidance(self.run.teacher, 7.5)  # the student is guided like its teacher
 
     def needs_cfg(self) -> bool:
         return True

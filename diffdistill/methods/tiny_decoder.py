@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from ..config import RunConfig, opt
 from ..errors import require
 from ..features import ChannelProjections, FeatureTaps
-from .kd import FeatureKDMethod
+from .kd import FeatureKDMethod, recommended_guidance
 
 
 @dataclass
@@ -106,12 +106,10 @@ class TinyDecoderDistillation(FeatureKDMethod):
         return True  # the UNet is exported as it is: the teacher's keeps its CFG, a --student-from one its embedding
 
     def default_guidance_scale(self) -> float:
-        if self.run.student_from:  # the guidance the --student-from pipeline recommends
-            info = Path(self.run.student_from) / "diffdistill.json"
-            if info.is_file():
-                return float(json.loads(info.read_text()).get("recommended_guidance_scale", 1.0))
-            return 1.0
-        return 7.5
+        # what the pipeline whose UNet is exported recommends: --student-from's, else the teacher's (kd's rule)
+        if self.run.student_from:
+            return recommended_guidance(self.run.student_from, 1.0)
+        return recommended_guidance(self.run.teacher, 7.5)
 
     def validate(self, teacher) -> None:
         from diffusers import AutoencoderKL
