@@ -82,13 +82,39 @@ def _without_innermost_stage(config: dict) -> dict:
     return config
 
 
-def student_unet_config(teacher_config: dict, arch: str, width: float = 1.0) -> dict:
+PLAIN_BLOCKS = {"CrossAttnDownBlock2D": "DownBlock2D", "CrossAttnUpBlock2D": "UpBlock2D",
+                "UNetMidBlock2DCrossAttn": "UNetMidBlock2D"}
+
+
+def _without_attention(config: dict, blocks: list[str]) -> dict:
+    """``config`` with the attention layers of ``blocks`` (``down.i``, ``mid``, ``up.j``) dropped: their
+    cross-attention block types replaced by the plain ones."""
+    for name in blocks:
+        kind, _, idx = name.partition(".")
+        key = {"down": "down_block_types", "up": "up_block_types"}.get(kind)
+        types = list(config[key]) if key else None
+        ok = (kind == "mid" and config.get("mid_block_type") is not None) or \
+            (key is not None and idx.isdigit() and int(idx) < len(types))
+        require(ok, f"--drop-attention {name}: the student has no such block (down.0.., mid, up.0..)")
+        current = config["mid_block_type"] if kind == "mid" else types[int(idx)]
+        require(current in PLAIN_BLOCKS, f"--drop-attention {name}: a {current} has no attention to drop")
+        if kind == "mid":
+            config["mid_block_type"] = PLAIN_BLOCKS[current]
+        else:
+            types[int(idx)] = PLAIN_BLOCKS[current]
+            config[key] = types
+    return config
+
+
+def student_unet_config(teacher_config: dict, arch: str, width: float = 1.0,
+                        drop_attention: list[str] | tuple = ()) -> dict:
     """The UNet2DConditionModel config of a compressed student of a teacher with ``teacher_config``.
 
     ``arch``: identity; base (BK-SDM-Base: no mid block); small (+ one resnet/attention layer fewer per down block,
     at least one: diffusers gives every up block one layer more than its down block); tiny (+ the innermost
     down/up stage dropped); or a UNet config .json file whose keys replace the teacher's. ``width`` multiplies every
-    block's channels, rounded to a multiple of the norm group size."""
+    block's channels, rounded to a multiple of the norm group size; ``drop_attention`` names blocks of the result
+    whose attention layers are dropped."""
     import json
     from pathlib import Path
 
@@ -110,6 +136,7 @@ def student_unet_config(teacher_config: dict, arch: str, width: float = 1.0) -> 
             config["layers_per_block"] = _fewer_layers(config["layers_per_block"])
         if arch == "tiny":
             config = _without_innermost_stage(config)
+    config = _without_attention(config, list(drop_attention))
     if width != 1.0:
         groups = config.get("norm_num_groups") or 32
         config["block_out_channels"] = [max(groups, round(c * width / groups) * groups)
@@ -170,12 +197,12 @@ def copy_matching_weights(teacher_unet, student_unet, block_map: dict[str, str])
     return copied
 
 
-def compressed_student(teacher_unet, arch: str, width: float = 1.0):
+def compressed_student(teacher_unet, arch: str, width: float = 1.0, drop_attention: list[str] | tuple = ()):
     """(student UNet2DConditionModel, block map, copied units): the student of ``student_unet_config``, initialised
     by copying the teacher's weights wherever a kept unit's shapes match exactly (BK-SDM), trainable, float32."""
     from diffusers import UNet2DConditionModel
 
-    config = student_unet_config(teacher_unet.config, arch, width)
+    config = student_unet_config(teacher_unet.config, arch, width, drop_attention)
     try:
         with quiet_loading():
             student = UNet2DConditionModel.from_config(config)

@@ -226,3 +226,16 @@ def test_kd_and_tiny_decoder_recommend_the_guidance_of_the_unet_they_export(tiny
     assert KnowledgeDistillation(KDConfig(), RunConfig(teacher=tiny_sd)).recommended_guidance_scale == 7.5
     run = RunConfig(teacher=tiny_sd, student_from=str(kd_run / "pipeline"))
     assert TinyDecoderDistillation(TinyDecoderConfig(), run).recommended_guidance_scale == 7.5  # kd_run's teacher's
+
+
+def test_dropped_attention_keeps_the_resnets_copied(teacher, one_thread):
+    student, _, copied = compressed_student(teacher.unet, "base", 1.0, ["down.0", "up.1"])
+    assert student.config.down_block_types[0] == "DownBlock2D" and student.config.up_block_types[1] == "UpBlock2D"
+    assert not any(".attentions." in u for u in copied if u.startswith(("down_blocks.0", "up_blocks.1")))
+    assert {"down_blocks.0.resnets.0", "up_blocks.1.resnets.0", "up_blocks.1.resnets.1"} <= set(copied)
+    out = student(torch.randn(2, 4, 8, 8), torch.tensor([3, 700]), encoder_hidden_states=torch.randn(2, 16, 32)).sample
+    assert out.shape == (2, 4, 8, 8)
+    with pytest.raises(UserError, match="has no attention to drop"):
+        student_unet_config(teacher.unet.config, "base", drop_attention=["down.1"])
+    with pytest.raises(UserError, match="no such block"):
+        student_unet_config(teacher.unet.config, "base", drop_attention=["mid"])

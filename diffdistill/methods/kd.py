@@ -44,6 +44,8 @@ class KDConfig:
                                     "teacher's")
     student_width: float = opt(1.0, "multiplier of every block's channels, rounded to the norm group size (below 1 "
                                     "no block keeps the teacher's shapes, so none is copied)")
+    drop_attention: str = opt("", "student blocks whose attention layers are dropped, comma separated (down.0, mid, "
+                                  "up.1, ...: cross-attention block types become plain ones)")
     task_weight: float = opt(1.0, "weight of L_task, the denoising loss on real data")
     output_kd_weight: float = opt(1.0, "lambda: weight of the output KD term, student vs teacher prediction on the "
                                        "same noisy input (BK-SDM: 1)")
@@ -66,7 +68,15 @@ class KDConfig:
 
     def block_names(self) -> list[str]:
         """The --kd-blocks names ([]: the default choice)."""
-        return [b.strip() for b in self.kd_blocks.split(",") if b.strip()]
+        return _names(self.kd_blocks)
+
+    def attention_dropped(self) -> list[str]:
+        """The --drop-attention block names."""
+        return _names(self.drop_attention)
+
+
+def _names(text: str) -> list[str]:
+    return [b.strip() for b in text.split(",") if b.strip()]
 
 
 def recommended_guidance(pipeline: str, default: float) -> float:
@@ -161,10 +171,13 @@ class KnowledgeDistillation(FeatureKDMethod):
         require(isinstance(teacher.unet, UNet2DConditionModel),
                 f"--method kd compresses UNet2DConditionModel teachers; {self.run.teacher}'s denoiser is a {kind}, "
                 "which kd cannot apply to yet")
-        require(not self.run.student_from or self.cfg.student_arch == "identity",
-                "--student-from gives kd its student; --student-arch must then be identity")
+        require(not self.run.student_from or (self.cfg.student_arch == "identity" and self.cfg.student_width == 1
+                                              and not self.cfg.drop_attention),
+                "--student-from gives kd its student: --student-arch must then be identity, without --student-width "
+                "or --drop-attention")
         if not self.run.student_from:
-            config = student_unet_config(teacher.unet.config, self.cfg.student_arch, self.cfg.student_width)
+            config = student_unet_config(teacher.unet.config, self.cfg.student_arch, self.cfg.student_width,
+                                         self.cfg.attention_dropped())
             feature_pairs(teacher.unet.config, config, self.cfg.block_names())
 
     def setup(self, teacher) -> None:
@@ -175,7 +188,7 @@ class KnowledgeDistillation(FeatureKDMethod):
             self.student = student_from_teacher(self.initial_unet(teacher))
         else:
             self.student, _, self.copied = compressed_student(teacher.unet, self.cfg.student_arch,
-                                                              self.cfg.student_width)
+                                                              self.cfg.student_width, self.cfg.attention_dropped())
         self.pairs = feature_pairs(teacher.unet.config, self.student.config, self.cfg.block_names())
         if self.cfg.feature_kd_weight == 0:
             self.pairs = {}
@@ -213,7 +226,7 @@ class KnowledgeDistillation(FeatureKDMethod):
         n_t = sum(p.numel() for p in self.teacher.unet.parameters())
         c = self.cfg
         arch = f"from {self.run.student_from}" if self.run.student_from else \
-            f"{c.student_arch}, width x{c.student_width}"
+            f"{c.student_arch}, width x{c.student_width}" + (f", no attention in {c.drop_attention}" if c.drop_attention else "")
         return {
             "student": f"compressed UNet ({arch}): {n_s:,} parameters, {100 * n_s / n_t:.1f}% of the teacher's {n_t:,}",
             "initialised from the teacher": f"{len(self.copied)} units copied" if self.copied else "nothing copied",
