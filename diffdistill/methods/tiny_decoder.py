@@ -132,6 +132,8 @@ class TinyDecoderDistillation(FeatureKDMethod):
         self.teacher = teacher
         c = self.cfg
         self.student = TinyVAEStep(tiny_vae_for(teacher.vae, c.vae_channels, c.vae_blocks)).to(teacher.vae.device)
+        if c.encoder_weight == 0:  # untrained: no optimiser state, and DDP sees no unused trainable parameters
+            self.student.vae.encoder.requires_grad_(False)
         self.pairs = decoder_stage_modules(teacher.vae, self.student.vae) if c.decoder_feature_weight > 0 else {}
         widths = {k: (s.out_channels, t.resnets[-1].conv2.out_channels) for k, (t, s) in self.pairs.items()}
         self.projections = ChannelProjections(widths).to(teacher.vae.device)
