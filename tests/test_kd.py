@@ -155,6 +155,13 @@ def test_kd_end_to_end_exports_a_thin_unet_plain_diffusers_loads(kd_run):
     assert info["calls"] == 3 and info["batch"] == 2 and info["finite"] and info["scheduler"] == "DDIMScheduler"
     assert info["vae"] == "AutoencoderKL"
     assert "parameters" in (kd_run / "pipeline" / "README.md").read_text()
+    # `diffdistill export` of its checkpoint rebuilds the thin student (and its projections) and gives the same UNet
+    from safetensors.torch import load_file
+
+    again = kd_run.parent / "export"
+    assert main(["export", str(kd_run), "--output", str(again)]) == 0
+    a, b = (load_file(str(d / "unet" / "diffusion_pytorch_model.safetensors")) for d in (kd_run / "pipeline", again))
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
 
 
 @pytest.mark.slow
