@@ -168,6 +168,9 @@ class RunConfig:
     drop_safety_checker: bool = opt(False, "export without the teacher's safety checker and feature extractor "
                                            "(the model card says so); by default the export keeps them, and the "
                                            "teacher's requires_safety_checker, as the teacher has them")
+    student_from: str = opt("", "a pipeline folder whose UNet the student starts from (e.g. a compressed kd student: "
+                                "lcm, progressive, add, dmd and sds then distil steps into it; the teacher stays "
+                                "--teacher) ('': a copy of the teacher's UNet)")
     benchmark_samples: int = opt(200, "samples per step count for the FID table of the model card (0: skip)")
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -131,6 +131,7 @@ def run_distill(run: RunConfig, dry_run: bool = False) -> dict:
                            safety_checker=not run.drop_safety_checker, single_file_config=run.single_file_config)
     method.validate(teacher)
     teacher.check_teacher_guidance(method.teacher_guidance_scales())
+    method.initial_unet(teacher)  # --student-from is loaded and checked before anything is written
     dataset = build_dataset(run.data, teacher.image_size)
     require(len(dataset) > 0, f"--dataset {run.data.dataset}: no examples")
     if method.needs_images() is not None:

@@ -33,13 +33,13 @@ def float32(module: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(module).to(torch.float32)
 
 
-def build_pipeline(teacher, unet, scheduler, dtype_of_teacher: bool = True, safety: bool = False):
-    """The teacher family's pipeline from the teacher's VAE, text encoders and tokenizers plus ``unet`` (the
-    student network) and ``scheduler`` (``Teacher.build_pipeline``).
+def build_pipeline(teacher, unet, scheduler, dtype_of_teacher: bool = True, safety: bool = False, vae=None):
+    """The teacher family's pipeline from the teacher's VAE (or ``vae``, e.g. a distilled AutoencoderTiny), text
+    encoders and tokenizers plus ``unet`` (the student network) and ``scheduler`` (``Teacher.build_pipeline``).
 
     ``dtype_of_teacher=False`` takes float32 copies of a half-precision VAE and text encoder (for export);
     ``safety=True`` adds the teacher's safety checker and feature extractor where it has them (for export)."""
-    return teacher.build_pipeline(unet, scheduler, dtype_of_teacher=dtype_of_teacher, safety=safety)
+    return teacher.build_pipeline(unet, scheduler, dtype_of_teacher=dtype_of_teacher, safety=safety, vae=vae)
 
 
 def verify_pipeline(folder: Path, prompt: str, steps: int, guidance_scale: float, load_kwargs: dict | None = None,
@@ -60,21 +60,22 @@ def verify_pipeline(folder: Path, prompt: str, steps: int, guidance_scale: float
 
 
 def export_pipeline(teacher, unet, scheduler, folder: Path, steps: int, guidance_scale: float,
-                    info: dict, prompt: str) -> Path:
+                    info: dict, prompt: str, vae=None, inert_guidance: bool = True) -> Path:
     """Write the teacher family's pipeline folder for ``unet`` + ``scheduler``, verified by reload-and-sample.
 
     ``info`` (method, steps, guidance, ...) is stored as ``diffdistill.json`` beside model_index.json.
-    A UNet without a guidance embedding is saved with an inert one (``Teacher.export_net``).
+    A UNet without a guidance embedding is saved with an inert one (``Teacher.export_net``) unless
+    ``inert_guidance=False`` (a student guided by the pipeline's CFG, like its teacher). ``vae``: see build_pipeline.
     """
     folder = Path(folder)
     tmp = folder.with_name(f".{folder.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     # A student with its guidance baked in must not be guided again by the pipeline's default 7.5.
-    baked = teacher.guidance_baked(unet)
-    unet = teacher.export_net(unet.to(torch.float32))
+    baked = teacher.guidance_baked(unet, inert_guidance)
+    unet = teacher.export_net(unet.to(torch.float32), inert_guidance)
     # Every component is saved in float32 (training may hold the teacher's VAE and text encoder in half
     # precision): a folder of mixed dtypes fails in a plain StableDiffusionPipeline call.
-    pipe = build_pipeline(teacher, unet, scheduler, dtype_of_teacher=False, safety=True)
+    pipe = build_pipeline(teacher, unet, scheduler, dtype_of_teacher=False, safety=True, vae=vae)
     try:
         with quiet_loading():
             pipe.save_pretrained(str(tmp), safe_serialization=True)
@@ -166,7 +167,8 @@ def export_student(run, method, teacher, pipeline_dir: Path, lora_dir: Path, pro
             **(DIGITS_MARKER if digits_student(run) else {})}
     unet = method.export_unet(unwrap)
     scheduler = method.export_scheduler(teacher.scheduler)
-    pipeline_dir = export_pipeline(teacher, unet, scheduler, Path(pipeline_dir), n, guidance, info, prompt)
+    pipeline_dir = export_pipeline(teacher, unet, scheduler, Path(pipeline_dir), n, guidance, info, prompt,
+                                   vae=method.export_vae(unwrap), inert_guidance=not method.needs_cfg())
     lora_state = method.lora_state_dict(unwrap)
     lora = None if lora_state is None else export_lora(teacher, lora_state, Path(lora_dir), scheduler, n, prompt)
     table = None

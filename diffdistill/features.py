@@ -127,9 +127,6 @@ def stage_modules(net, names: Iterable[str] = ()) -> dict[str, torch.nn.Module]:
     return {n: table[n] for n in names}
 
 
-unet_stage_modules = stage_modules  # the former name
-
-
 def stage_channels(net, names: Iterable[str] = ()) -> list[int]:
     """Channels of the feature maps that ``stage_modules(net, names)`` keep."""
     cfg = getattr(net, "module", net).config
@@ -275,3 +272,31 @@ class ImageFeatureNetwork(torch.nn.Module):
             side = int(tokens.shape[1] ** 0.5)
             feats.append(tokens[:, : side * side].transpose(1, 2).reshape(h.shape[0], h.shape[2], side, side))
         return feats, text.mean(1).float()
+
+
+def unet_block_shapes(config) -> dict[str, tuple[int, int]]:
+    """What a UNet2DConditionModel's block outputs look like: name (``down.i``, ``mid``, ``up.j``) -> (channels,
+    downscale), the output being (B, channels, sample_size / downscale, sample_size / downscale). Every down block
+    but the last halves the resolution, every up block but the last doubles it."""
+    channels = list(config["block_out_channels"])
+    n = len(channels)
+    shapes = {f"down.{i}": (channels[i], 2 ** min(i + 1, n - 1)) for i in range(n)}
+    if config.get("mid_block_type") is not None:
+        shapes["mid"] = (channels[-1], 2 ** (n - 1))
+    shapes.update({f"up.{j}": (channels[n - 1 - j], 2 ** max(0, n - 2 - j)) for j in range(n)})
+    return shapes
+
+
+class ChannelProjections(torch.nn.Module):
+    """Feature KD's projections P_k: a 1x1 convolution from the student's width to the teacher's for every tapped
+    pair whose widths differ (FitNets, Romero et al. 2015), the identity where they agree."""
+
+    def __init__(self, widths: dict[str, tuple[int, int]]):
+        super().__init__()
+        self.convs = torch.nn.ModuleDict({name.replace(".", "_"): torch.nn.Conv2d(c_s, c_t, 1)
+                                          for name, (c_s, c_t) in widths.items() if c_s != c_t})
+
+    def forward(self, name: str, feat: torch.Tensor) -> torch.Tensor:
+        """The student feature ``feat`` (B, C_s, h, w) of pair ``name`` in the teacher's width (B, C_t, h, w)."""
+        conv = self.convs[name.replace(".", "_")] if name.replace(".", "_") in self.convs else None
+        return feat if conv is None else conv(feat)

@@ -399,7 +399,8 @@ class Trainer:
             m.eval()
         try:
             unet = self.method.export_unet(unwrap)
-            pipe = build_pipeline(self.teacher, unet, self.method.export_scheduler(self.teacher.scheduler))
+            pipe = build_pipeline(self.teacher, unet, self.method.export_scheduler(self.teacher.scheduler),
+                                  vae=self.method.export_vae(unwrap))
             prompts = self.validation_prompts()
             gens = [torch.Generator().manual_seed(1000 + i) for i in range(len(prompts))]
             with self.accelerator.autocast():

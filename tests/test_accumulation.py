@@ -27,6 +27,9 @@ CASES = {
     "dmd": {"method": "dmd", "steps": 1, "fake_updates": 2, "gan_weight": 0.1},
     "sds": {"method": "sds", "steps": 1},
     "progressive": {"method": "progressive", "start_steps": 8, "guidance_iters": 1, "iters_per_stage": 1},
+    "kd": {"method": "kd", "student_width": 0.5},
+    "tiny_decoder": {"method": "tiny-decoder", "vae_channels": 16, "vae_blocks": 1, "decoder_feature_weight": 0.5,
+                     "learning_rate": 4e-3},  # a larger step, so that half the data (the control) shows
 }
 
 

@@ -126,7 +126,7 @@ def _method_flags() -> dict[str, set[str]]:
             for name, spec in METHODS.items()}
 
 
-@pytest.mark.parametrize("method", ["lcm", "progressive", "add", "dmd", "sds"])
+@pytest.mark.parametrize("method", ["lcm", "progressive", "add", "dmd", "sds", "kd", "tiny-decoder"])
 def test_help_of_one_method_lists_only_its_flags(method, capsys):
     with pytest.raises(SystemExit) as e:
         main(["distill", "--method", method, "--help"])

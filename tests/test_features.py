@@ -10,7 +10,7 @@ from diffdistill.features import (
     FeatureHead,
     FeatureTaps,
     TeacherFeatureNetwork,
-    unet_stage_modules,
+    stage_modules,
     use_classic_attention,
 )
 
@@ -32,7 +32,7 @@ def _inputs(unet, b=2):
 def test_taps_return_block_outputs_with_the_promised_shapes_only_inside_capture(unet):
     x, t, text = _inputs(unet)
     names = [f"down.{i}" for i in range(len(unet.down_blocks))] + ["mid", "up.0"]
-    taps = FeatureTaps(unet_stage_modules(unet, names))
+    taps = FeatureTaps(stage_modules(unet, names))
     with torch.no_grad():
         unet(x, t, encoder_hidden_states=text)
     assert taps.features == {}  # not capturing: nothing kept
@@ -56,7 +56,7 @@ def test_taps_return_block_outputs_with_the_promised_shapes_only_inside_capture(
 
 def test_always_on_tap_keeps_the_latest_call(unet):
     x, t, text = _inputs(unet)
-    tap = FeatureTaps(unet_stage_modules(unet, ["mid"]), always=True)
+    tap = FeatureTaps(stage_modules(unet, ["mid"]), always=True)
     try:
         with torch.no_grad():
             unet(x, t, encoder_hidden_states=text)
@@ -69,7 +69,7 @@ def test_always_on_tap_keeps_the_latest_call(unet):
 
 def test_unknown_block_names_are_one_line_errors(unet):
     with pytest.raises(UserError, match="unknown UNet block.*down.9"):
-        unet_stage_modules(unet, ["down.9"])
+        stage_modules(unet, ["down.9"])
 
 
 def test_teacher_feature_network_and_heads(unet):

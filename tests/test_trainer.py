@@ -68,6 +68,9 @@ RESUME_CASES = {
     "sds": ("--method", "sds", "--steps", "1"),
     "progressive": ("--method", "progressive", "--start-steps", "8", "--guidance-iters", "2", "--iters-per-stage",
                     "3"),
+    # a thin student (its feature-KD projections are a second trained module) with a student EMA; tiny-decoder
+    # shares kd's modules-and-projections state (FeatureKDMethod), so this case stands for both
+    "kd": ("--method", "kd", "--student-arch", "tiny", "--student-width", "0.5", "--student-ema-decay", "0.9"),
 }
 
 

@@ -14,8 +14,10 @@ from ..errors import require
 from .adversarial import AdversarialConfig, AdversarialDistillation
 from .base import DistillMethod
 from .consistency import ConsistencyConfig, ConsistencyDistillation
+from .kd import KDConfig, KnowledgeDistillation
 from .progressive import ProgressiveConfig, ProgressiveDistillation
 from .score import DistributionMatchingDistillation, DMDConfig, ScoreDistillation, SDSConfig
+from .tiny_decoder import TinyDecoderConfig, TinyDecoderDistillation
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,10 @@ METHODS: dict[str, MethodSpec] = {
                       "one-step student by distribution matching (DMD/DMD2): teacher score minus an online fake score"),
     "sds": MethodSpec(SDSConfig, ScoreDistillation,
                       "one-step student by plain score distillation sampling (the SDS baseline DMD improves on)"),
+    "kd": MethodSpec(KDConfig, KnowledgeDistillation,
+                     "knowledge distillation into a smaller UNet (BK-SDM): task + output KD + feature KD"),
+    "tiny-decoder": MethodSpec(TinyDecoderConfig, TinyDecoderDistillation,
+                               "distil the teacher's VAE into an AutoencoderTiny (TAESD), exported as the pipeline's vae"),
 }
 
 

@@ -197,7 +197,7 @@ class AdversarialDistillation(RegressionPoolState, DistillMethod):
 
     def setup(self, teacher) -> None:
         self.teacher = teacher
-        self.student = teacher.make_student()
+        self.student = teacher.make_student(start=self.initial_unet(teacher))
         if self.cfg.feature_network == "teacher":
             # A separate frozen copy, so hooks never fire inside the teacher's distillation pass.
             import copy

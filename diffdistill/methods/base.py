@@ -41,6 +41,13 @@ State and export
                                               how the student is sampled (validation grids, card, preset)
 * ``export_unet(unwrap)``, ``export_scheduler(teacher_scheduler)``, ``lora_state_dict(unwrap)``,
   ``card_details()``                          what the exported pipeline, LoRA and model card contain
+* ``export_vae(unwrap)``, ``needs_cfg()``     the pipeline's VAE (None: the teacher's; a tiny decoder), and
+                                              whether the export is guided by the pipeline's CFG (no inert
+                                              guidance embedding is added then)
+
+Helpers for methods (not called by the trainer)
+* ``initial_unet(teacher)``                   what students start from: --student-from's UNet (a compressed
+                                              student) or the teacher's
 """
 
 from __future__ import annotations
@@ -62,6 +69,7 @@ class DistillMethod:
         self.teacher = None
         self.student = None
         self.unwrap = lambda module: module  # the trainer binds accelerate's unwrap_model (DDP, FSDP)
+        self._initial_unet = None
 
     @property
     def recommended_guidance_scale(self) -> float:
@@ -90,6 +98,18 @@ class DistillMethod:
         if hasattr(cfg, "teacher_guidance_scale"):
             return (float(cfg.teacher_guidance_scale),) * 2
         return None
+
+    def initial_unet(self, teacher):
+        """The UNet a student starts from: ``--student-from``'s (e.g. a compressed ``kd`` student, loaded once and
+        checked against the teacher) or the teacher's own. The teacher stays the full model either way."""
+        if not self.run.student_from:
+            return teacher.unet
+        if self._initial_unet is None:
+            from ..students import load_student_unet
+
+            require_unet_family(teacher, f"--student-from {self.run.student_from}")
+            self._initial_unet = load_student_unet(self.run.student_from, teacher.unet)
+        return self._initial_unet
 
     def needs_images(self) -> str | None:
         """What in this run learns from data images (e.g. "consistency distillation"); None when prompts suffice."""
@@ -178,6 +198,16 @@ class DistillMethod:
         """The scheduler preset that samples the student in ``run.steps`` steps with plain diffusers."""
         raise NotImplementedError
 
+    def export_vae(self, unwrap) -> torch.nn.Module | None:
+        """The VAE the exported pipeline gets (None: the teacher's)."""
+        return None
+
+    def needs_cfg(self) -> bool:
+        """True when the exported UNet is saved as it is, sampled with the pipeline's classifier-free guidance like
+        the teacher (kd) or carrying its own embedding (a --student-from UNet); False (the step methods): guidance
+        is baked in or embedded, and a UNet without an embedding gets an inert one."""
+        return False
+
     def lora_state_dict(self, unwrap) -> dict[str, torch.Tensor] | None:
         """Diffusers-format LoRA weights when the student is teacher + LoRA, else None."""
         return None
@@ -185,3 +215,12 @@ class DistillMethod:
     def card_details(self) -> dict:
         """Method-specific lines for the model card (name -> value)."""
         return {}
+
+
+def require_unet_family(teacher, what: str) -> None:
+    """Compressed students (kd, --student-from, tiny decoders) are built and tested on SD 1.x/2.x teachers only:
+    a one-line UserError for another family."""
+    from ..errors import require
+
+    require(teacher.family == "sd", f"{what}: compressed students are supported for SD 1.x/2.x teachers only "
+                                    f"(StableDiffusionPipeline), not yet for this {teacher.family} teacher")

@@ -155,13 +155,16 @@ class ConsistencyDistillation(DistillMethod):
         require(self.run.steps <= self.cfg.num_ddim_timesteps,
                 f"--steps ({self.run.steps}) must not exceed --num-ddim-timesteps ({self.cfg.num_ddim_timesteps})")
         self.cfg.require_trainable_guidance(teacher, baked=self.lora)
+        require(not (self.lora and self.run.student_from),
+                "--lora-rank with --student-from is not supported yet (the LoRA would belong to the --student-from "
+                "pipeline, not to the teacher it is exported for); train the full UNet")
 
     def setup(self, teacher) -> None:
         self.teacher = teacher
         if self.lora:
             from peft import LoraConfig
 
-            self.student = teacher.make_student()
+            self.student = teacher.make_student(start=self.initial_unet(teacher))
             self.student.requires_grad_(False)
             rank = self.cfg.lora_rank
             lora_cfg = LoraConfig(r=rank, lora_alpha=self.cfg.lora_alpha or rank, init_lora_weights="gaussian",
@@ -173,7 +176,7 @@ class ConsistencyDistillation(DistillMethod):
         else:
             # One scale: baked in, no embedding to learn (export_pipeline adds an inert one).
             embed_dim = None if self.cfg.fixed_guidance else GUIDANCE_EMBED_DIM
-            self.student = teacher.make_student(embed_dim)
+            self.student = teacher.make_student(embed_dim, start=self.initial_unet(teacher))
             if self.cfg.ema_decay > 0:
                 self.target = copy.deepcopy(self.student).requires_grad_(False).eval()
 
@@ -217,7 +220,7 @@ class ConsistencyDistillation(DistillMethod):
             if isinstance(module, BaseTunerLayer):
                 module.merge()
         state = {k.replace(".base_layer.", "."): v for k, v in merged.state_dict().items() if "lora_" not in k}
-        fused = self.teacher.make_student()
+        fused = self.teacher.make_student(start=self.initial_unet(self.teacher))
         fused.load_state_dict(state)
         return fused.eval().requires_grad_(False)
 

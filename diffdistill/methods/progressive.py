@@ -194,7 +194,8 @@ class ProgressiveDistillation(DistillMethod):
         self.teacher = teacher
         # Exact clean end: the schedule goes past t = 0 to alpha = 1, as the exported Euler preset does.
         self.schedule = teacher.schedule.with_clean_end()
-        self.student = teacher.make_student(GUIDANCE_EMBED_DIM if teacher.guidance_embedding else None)
+        self.student = teacher.make_student(GUIDANCE_EMBED_DIM if teacher.guidance_embedding else None,
+                                            start=self.initial_unet(teacher))
         self.stage_teacher = copy.deepcopy(self.student).requires_grad_(False).eval()
 
     def stage_at(self, step: int) -> Stage:

@@ -253,7 +253,7 @@ class ScoreDistillation(RegressionPoolState, DistillMethod):
 
     def setup(self, teacher) -> None:
         self.teacher = teacher
-        self.student = teacher.make_student()
+        self.student = teacher.make_student(start=self.initial_unet(teacher))
         if self.use_fake_score:
             self.fake = teacher.make_student()
         self.head = None

@@ -98,9 +98,9 @@ class FluxTeacher(SD3Teacher):
                                                     max_sequence_length=self.max_sequence_length)
         return pack_conditioning(tokens, pooled)
 
-    def make_student(self, time_cond_proj_dim: int | None = None):
+    def make_student(self, time_cond_proj_dim: int | None = None, start=None):
         """A trainable copy of the transformer; its guidance input (Flux-dev) is the student's guidance embedding."""
-        return super().make_student(None)
+        return super().make_student(None, start)
 
-    def guidance_baked(self, net) -> bool:
+    def guidance_baked(self, net, inert_guidance: bool = True) -> bool:
         return not self.guidance_input

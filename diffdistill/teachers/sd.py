@@ -97,25 +97,28 @@ class Teacher:
                         self.prediction_type, call=self.net_call, guidance_input=self.guidance_input)
 
     # --- students --------------------------------------------------------------------------------
-    def make_student(self, time_cond_proj_dim: int | None = None):
-        """A trainable float32 copy of the teacher's network; with ``time_cond_proj_dim`` a guidance embedding
-        (zero-initialised: the student starts out as exactly the teacher)."""
+    def make_student(self, time_cond_proj_dim: int | None = None, start=None):
+        """A trainable float32 copy of the teacher's network (or of ``start``, e.g. the compressed UNet of
+        ``--student-from``); with ``time_cond_proj_dim`` a guidance embedding (zero-initialised: the student
+        starts out as exactly the network it copies)."""
         from ..students import student_from_teacher
 
-        return student_from_teacher(self.unet, time_cond_proj_dim)
+        return student_from_teacher(self.unet if start is None else start, time_cond_proj_dim)
 
-    def export_net(self, net):
+    def export_net(self, net, inert_guidance: bool = True):
         """The network as the exported pipeline holds it: a UNet without a guidance embedding gets an inert one,
-        so StableDiffusionPipeline runs one pass per step at any guidance_scale (``with_inert_guidance_embedding``)."""
+        so StableDiffusionPipeline runs one pass per step at any guidance_scale (``with_inert_guidance_embedding``),
+        unless ``inert_guidance=False`` (a student sampled with the pipeline's CFG, as its teacher is: kd)."""
         from ..students import with_inert_guidance_embedding
 
-        return with_inert_guidance_embedding(net)
+        return with_inert_guidance_embedding(net) if inert_guidance else net
 
-    def guidance_baked(self, net) -> bool:
-        """True when the pipeline's guidance_scale cannot change the network's output."""
+    def guidance_baked(self, net, inert_guidance: bool = True) -> bool:
+        """True when the pipeline's guidance_scale cannot change the exported network's output (a UNet that the
+        pipeline guides with CFG, ``inert_guidance=False`` without an embedding, bakes nothing)."""
         from ..students import guidance_is_baked
 
-        return guidance_is_baked(net)
+        return guidance_is_baked(net) and (inert_guidance or net.config.time_cond_proj_dim is not None)
 
     # --- prompts and images --------------------------------------------------------------------
     @torch.no_grad()
@@ -204,8 +207,9 @@ class Teacher:
         return vae.decode(z if shift is None else z + shift).sample.clamp(-1, 1)
 
     # --- export ----------------------------------------------------------------------------------
-    def build_pipeline(self, net, scheduler, dtype_of_teacher: bool = True, safety: bool = False):
-        """A StableDiffusionPipeline from the teacher's VAE, text encoder and tokenizer plus ``net`` and ``scheduler``.
+    def build_pipeline(self, net, scheduler, dtype_of_teacher: bool = True, safety: bool = False, vae=None):
+        """A StableDiffusionPipeline from the teacher's VAE (or ``vae``, e.g. a distilled AutoencoderTiny), text
+        encoder and tokenizer plus ``net`` and ``scheduler``.
 
         ``dtype_of_teacher=False`` takes float32 copies of a half-precision VAE and text encoder (for export);
         ``safety=True`` adds the teacher's safety checker and feature extractor where it has them (for export)."""
@@ -213,7 +217,7 @@ class Teacher:
 
         from ..export import float32
 
-        vae, text_encoder = self.pipe.vae, self.pipe.text_encoder
+        vae, text_encoder = (self.pipe.vae if vae is None else vae), self.pipe.text_encoder
         if not dtype_of_teacher:
             vae, text_encoder = float32(vae), float32(text_encoder)
         parts = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
@@ -234,9 +238,10 @@ class Teacher:
 
     net_key = "unet"  # the pipeline component the student network takes the place of
 
-    def _pipeline_from_parts(self, net, scheduler, dtype_of_teacher: bool, **config):
+    def _pipeline_from_parts(self, net, scheduler, dtype_of_teacher: bool, vae=None, **config):
         """The family's pipeline of every component of the teacher's (float32 copies of half-precision modules
-        unless ``dtype_of_teacher``), with ``net`` in place of its denoising network and ``scheduler``."""
+        unless ``dtype_of_teacher``), with ``net`` in place of its denoising network, ``scheduler``, and ``vae``
+        (when given) in place of the teacher's VAE."""
         import diffusers
 
         from ..export import float32
@@ -244,6 +249,8 @@ class Teacher:
         parts = {name: (float32(part) if isinstance(part, torch.nn.Module) and not dtype_of_teacher else part)
                  for name, part in self.pipe.components.items()}
         parts.update({self.net_key: net, "scheduler": scheduler})
+        if vae is not None:
+            parts["vae"] = vae
         pipe = getattr(diffusers, self.pipeline_class_name)(**parts, **config)
         pipe.set_progress_bar_config(disable=True)
         return pipe

@@ -100,8 +100,9 @@ class SD3Teacher(Teacher):
                                                        max_sequence_length=self.max_sequence_length)
         return pack_conditioning(tokens, pooled)
 
-    def make_student(self, time_cond_proj_dim: int | None = None):
+    def make_student(self, time_cond_proj_dim: int | None = None, start=None):
         """A trainable float32 copy of the transformer (it has no guidance embedding to add)."""
+        require(start is None or start is self.unet, f"the {self.family} student copies the teacher's network")
         from ..loading import quiet_loading
 
         require(time_cond_proj_dim is None, f"the {self.family} transformer has no guidance embedding: distil one "
@@ -113,18 +114,18 @@ class SD3Teacher(Teacher):
             student.to(device=self.unet.device, dtype=torch.float32)
         return student.train().requires_grad_(True)
 
-    def export_net(self, net):
+    def export_net(self, net, inert_guidance: bool = True):
         return net
 
-    def guidance_baked(self, net) -> bool:
+    def guidance_baked(self, net, inert_guidance: bool = True) -> bool:
         return True  # no guidance embedding: the student's guidance is its teacher's scale, in its weights
 
     net_key = "transformer"
 
-    def build_pipeline(self, net, scheduler, dtype_of_teacher: bool = True, safety: bool = False):
-        """The family's pipeline (StableDiffusion3Pipeline, FluxPipeline) from the teacher's VAE, text encoders
-        and tokenizers plus ``net``."""
-        return self._pipeline_from_parts(net, scheduler, dtype_of_teacher)
+    def build_pipeline(self, net, scheduler, dtype_of_teacher: bool = True, safety: bool = False, vae=None):
+        """The family's pipeline (StableDiffusion3Pipeline, FluxPipeline) from the teacher's VAE (or ``vae``), text
+        encoders and tokenizers plus ``net``."""
+        return self._pipeline_from_parts(net, scheduler, dtype_of_teacher, vae=vae)
 
     def reload_kwargs(self) -> dict:
         return dict(self.absent_parts)

@@ -57,9 +57,9 @@ class SDXLTeacher(Teacher):
             packed = torch.where(empty, torch.zeros_like(packed), packed)
         return packed
 
-    def build_pipeline(self, net, scheduler, dtype_of_teacher: bool = True, safety: bool = False):
-        """A StableDiffusionXLPipeline from the teacher's VAE, text encoders and tokenizers plus ``net``."""
-        return self._pipeline_from_parts(net, scheduler, dtype_of_teacher, add_watermarker=False,
+    def build_pipeline(self, net, scheduler, dtype_of_teacher: bool = True, safety: bool = False, vae=None):
+        """A StableDiffusionXLPipeline from the teacher's VAE (or ``vae``), text encoders and tokenizers plus ``net``."""
+        return self._pipeline_from_parts(net, scheduler, dtype_of_teacher, vae=vae, add_watermarker=False,
                                          force_zeros_for_empty_prompt=self.pipe.config.get("force_zeros_for_empty_prompt", True))
 
     def reload_kwargs(self) -> dict:
