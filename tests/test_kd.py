@@ -104,15 +104,17 @@ def test_student_arch_errors_are_one_line(teacher, tmp_path):
         method.validate(teacher)
 
 
-def test_kd_refuses_a_teacher_that_is_not_a_unet(teacher, tiny_sd):
-    class Other(torch.nn.Module):
-        pass
+@pytest.mark.parametrize("method", ["kd", "tiny-decoder"])
+def test_compressed_students_refuse_a_teacher_of_another_family(method, tiny_sd3, tmp_path, capsys):
+    from diffdistill.cli import main
 
-    fake = type("T", (), {"unet": Other()})()
-    method = KnowledgeDistillation(KDConfig(), RunConfig(teacher=tiny_sd))
-    with pytest.raises(UserError, match="kd cannot apply to yet") as e:
-        method.validate(fake)
-    assert "\n" not in str(e.value)
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert main(["distill", "--teacher", tiny_sd3, "--method", method, "--output", str(out), "--max-train-steps", "1",
+                 "--benchmark-samples", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "SD 1.x/2.x teachers only" in err and "sd3" in err, err
+    assert not out.exists()
 
 
 PLAIN = r"""
