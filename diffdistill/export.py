@@ -46,7 +46,8 @@ def verify_pipeline(folder: Path, prompt: str, steps: int, guidance_scale: float
                     sample_kwargs: dict | None = None) -> torch.Tensor:
     """Reload ``folder`` with plain DiffusionPipeline.from_pretrained and sample once; returns the image.
     ``load_kwargs``: components the folder leaves out (e.g. ``text_encoder_3=None`` of an SD3 without T5);
-    ``sample_kwargs``: the call's size where the pipeline's default is not the model's (``Teacher.sample_kwargs``)."""
+    ``sample_kwargs``: the call's size or noise levels where the pipeline's defaults are not the student's
+    (``Teacher.sample_kwargs``)."""
     from diffusers import DiffusionPipeline
 
     with quiet_loading():
@@ -79,10 +80,12 @@ def export_pipeline(teacher, unet, scheduler, folder: Path, steps: int, guidance
     try:
         with quiet_loading():
             pipe.save_pretrained(str(tmp), safe_serialization=True)
+        call = teacher.sample_kwargs(steps)  # what the pipeline call needs beyond its defaults (the card's usage)
         (tmp / EXPORT_INFO).write_text(json.dumps({**info, "num_inference_steps": steps,
                                                    "recommended_guidance_scale": guidance_scale,
-                                                   "guidance_baked": baked}, indent=2) + "\n")
-        verify_pipeline(tmp, prompt, steps, guidance_scale, teacher.absent_parts, teacher.sample_kwargs())
+                                                   "guidance_baked": baked,
+                                                   **({"call_kwargs": call} if call else {})}, indent=2) + "\n")
+        verify_pipeline(tmp, prompt, steps, guidance_scale, teacher.absent_parts, call)
         replace_dir(tmp, folder)
     except BaseException:  # an error or a signal (Terminated, KeyboardInterrupt): no temporary folder stays
         shutil.rmtree(tmp, ignore_errors=True)
@@ -108,7 +111,7 @@ def export_lora(teacher, lora_state: dict, folder: Path, scheduler, steps: int, 
             pipe.load_lora_weights(str(tmp))
         pipe.set_progress_bar_config(disable=True)
         pipe.scheduler = type(scheduler).from_config(scheduler.config)
-        image = pipe(prompt, num_inference_steps=steps, guidance_scale=1.0, **teacher.sample_kwargs(),
+        image = pipe(prompt, num_inference_steps=steps, guidance_scale=1.0, **teacher.sample_kwargs(steps),
                      generator=torch.Generator().manual_seed(0), output_type="pt").images
         if not torch.isfinite(image).all():
             raise RuntimeError(f"LoRA check failed: {folder} produced non-finite pixels")
@@ -197,10 +200,10 @@ def export_student(run, method, teacher, pipeline_dir: Path, lora_dir: Path, pro
         details["safety checker"] = "the teacher's, kept with its feature extractor"
     if stopped_by != "max_train_steps":
         details["training stopped"] = f"early, by --{stopped_by.replace('_', '-')}, at step {train_steps}"
-    # components the folder leaves out (SD3 without T5) must be named to from_pretrained; a size where the
-    # pipeline's default is not the model's (Flux)
+    # components the folder leaves out (SD3 without T5) must be named to from_pretrained; a size (Flux) or noise
+    # levels (SD3 from 2 steps) where the pipeline's defaults are not the student's
     absent = "".join(f", {k}=None" for k in teacher.absent_parts)
-    size = "".join(f", {k}={v}" for k, v in teacher.sample_kwargs().items())
+    size = "".join(f", {k}={v}" for k, v in teacher.sample_kwargs(n).items())
     usage = (f'from diffusers import DiffusionPipeline\n\npipe = DiffusionPipeline.from_pretrained("{pipeline_dir}"{absent})\n'
              f'image = pipe("{prompt}", num_inference_steps={n}{size}'
              + (").images[0]" if scale_ignored else f", guidance_scale={guidance}).images[0]"))

@@ -405,7 +405,7 @@ class Trainer:
             gens = [torch.Generator().manual_seed(1000 + i) for i in range(len(prompts))]
             with self.accelerator.autocast():
                 images = pipe(prompts, num_inference_steps=self.method.sampling_steps(), generator=gens, output_type="pt",
-                              **self.teacher.sample_kwargs(),
+                              **self.teacher.sample_kwargs(self.method.sampling_steps()),
                               guidance_scale=self.method.recommended_guidance_scale).images
         finally:
             for m in modules.values():

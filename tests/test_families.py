@@ -229,3 +229,38 @@ def test_sd3_without_t5_trains_and_its_card_names_the_absent_encoder(tmp_path, o
     assert pipe.text_encoder_3 is None
     img = pipe("a digit 1", num_inference_steps=1, guidance_scale=1.0, output_type="np").images
     assert img.shape == (1, 32, 32, 3)
+
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4])
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_flow_export_samples_at_the_students_training_noise_levels(tiny_flux, tiny_sd3, tmp_path, family, steps):
+    """A flow student's export, called as its card says (``diffdistill.json`` ``call_kwargs``), steps through
+    exactly the noise levels an N-step student trained at: ``lcm_grid(T, N)`` (lcm, add, dmd; ``trailing_grid``
+    of progressive is the same grid here). Flux: FluxPipeline's own linspace(1, 1/N, N) shifted by mu is that grid.
+    SD3: StableDiffusion3Pipeline's default is not (1.0 -> 0.009 at 2 steps): the export gives ``sigmas``.
+    The transformer's timestep input is recorded (Flux: sigma; SD3: sigma * 1000)."""
+    from diffusers import DiffusionPipeline
+
+    from diffdistill.export import export_pipeline
+    from diffdistill.solvers import lcm_grid, trailing_grid
+    from diffdistill.teachers import load_teacher
+
+    teacher = load_teacher(tiny_flux if family == "flux" else tiny_sd3)
+    folder = export_pipeline(teacher, teacher.unet, teacher.consistency_scheduler(teacher.scheduler, steps, 10.0),
+                             tmp_path / "export", steps, 1.0, {}, "a digit 3")
+    info = json.loads((folder / "diffdistill.json").read_text())
+    assert ("sigmas" in info.get("call_kwargs", {})) == (family == "sd3" and steps >= 2)
+    pipe = DiffusionPipeline.from_pretrained(str(folder), **teacher.reload_kwargs())
+    pipe.set_progress_bar_config(disable=True)
+    seen = []
+    hook = pipe.transformer.register_forward_pre_hook(lambda m, a, k: seen.append(float(k["timestep"][0])),
+                                                      with_kwargs=True)
+    pipe("a digit 3", num_inference_steps=steps, guidance_scale=1.0, output_type="latent",
+         generator=torch.Generator().manual_seed(0), **info.get("call_kwargs", {}))
+    hook.remove()
+    scale = 1.0 if family == "flux" else 1000.0
+    T = teacher.schedule.num_train_timesteps
+    for grid in (lcm_grid(T, steps).flip(0), trailing_grid(T, steps)[:-1]):
+        torch.testing.assert_close(torch.tensor(seen) / scale, teacher.schedule.sigma_at(grid).float(), rtol=0,
+                                   atol=2e-6)

@@ -67,8 +67,10 @@ class FluxTeacher(SD3Teacher):
                 f"unconditional pass: teacher guidance {scales} would need two CFG passes; use a teacher guidance "
                 f"scale of 1")
 
-    def sample_kwargs(self) -> dict:
-        """FluxPipeline's default size is fixed (1024 px at Flux's VAE): the native size, given explicitly."""
+    def sample_kwargs(self, steps: int = 1) -> dict:
+        """FluxPipeline's default size is fixed (1024 px at Flux's VAE): the native size, given explicitly. Its
+        default noise levels, linspace(1, 1/N, N) shifted by mu, are already the N-step students' training grid
+        (``lcm_grid``; tests/test_families.py)."""
         return {"height": self.image_size, "width": self.image_size}
 
     def frozen_parts(self) -> list[torch.nn.Module]:

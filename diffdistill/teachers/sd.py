@@ -231,9 +231,10 @@ class Teacher:
     def check_teacher_guidance(self, scales: tuple[float, float] | None) -> None:
         """Refuse teacher guidance scales (lowest, highest) the family cannot give (one-line UserError)."""
 
-    def sample_kwargs(self) -> dict:
-        """Arguments a call of the family's pipeline needs to sample at the teacher's native size (none: its
-        default is the native size)."""
+    def sample_kwargs(self, steps: int = 1) -> dict:
+        """Arguments a call of the family's pipeline needs to sample a ``steps``-step student as it was trained:
+        the teacher's native size where the pipeline's default differs (Flux), the noise levels where its
+        default grid is not the students' (SD3). None for SD 1.x/2.x and SDXL."""
         return {}
 
     net_key = "unet"  # the pipeline component the student network takes the place of

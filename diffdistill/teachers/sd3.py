@@ -127,6 +127,18 @@ class SD3Teacher(Teacher):
         encoders and tokenizers plus ``net``."""
         return self._pipeline_from_parts(net, scheduler, dtype_of_teacher, vae=vae)
 
+    def sample_kwargs(self, steps: int = 1) -> dict:
+        """StableDiffusion3Pipeline's default N-step noise levels (a linspace between the scheduler's shifted
+        extremes, shifted again: 1.0 -> 0.009 at 2 steps and shift 3) are not the ones an N-step student trained
+        at (``lcm_grid(T, N)``: sigma = shift((t + 1) / T), 1.0 -> 0.75). From 2 steps on the call gives the
+        grid's unshifted sigmas, which the scheduler shifts (``sigmas=``, a StableDiffusion3Pipeline argument)."""
+        if steps < 2:
+            return {}
+        from ..solvers import lcm_grid
+
+        T = self.schedule.num_train_timesteps
+        return {"sigmas": [float(t + 1) / T for t in lcm_grid(T, steps).flip(0).tolist()]}
+
     def reload_kwargs(self) -> dict:
         return dict(self.absent_parts)
 
