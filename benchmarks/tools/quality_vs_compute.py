@@ -63,7 +63,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=5, help="alternating timing rounds (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=50, help="images per timed call (default: %(default)s)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
+    p.add_argument("--replot", action="store_true",
+                   help="only draw the plot again from --output's quality_vs_compute.json (no timing)")
     args = p.parse_args(argv)
+    if args.replot:
+        plot(json.loads((args.output / "quality_vs_compute.json").read_text())["rows"],
+             args.output / "quality_vs_compute.png")
+        return 0
 
     from diffusers import DiffusionPipeline
     from diffusers.utils import logging as dlog
@@ -175,22 +181,31 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    """FID (point and the bench's interval) against median seconds per image (the rounds' range), log x."""
+    """FID (point and the bench's interval) against median seconds per image (the rounds' range), log x: one
+    colour per pipeline, one marker per step count."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
 
-    fig = Figure(figsize=(7.5, 5))
+    fig = Figure(figsize=(8, 5))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
+    names = list(dict.fromkeys(r["cell"].rsplit("@", 1)[0] for r in rows))
+    steps = sorted({r["steps"] for r in rows})
+    colours = {n: f"C{i}" for i, n in enumerate(names)}
+    markers = dict(zip(steps, "os^Dvp*h"))
     for row in rows:
+        c, m = colours[row["cell"].rsplit("@", 1)[0]], markers[row["steps"]]
         s, lo, hi = row["seconds_per_image"]["median"], row["seconds_per_image"]["min"], row["seconds_per_image"]["max"]
         f = row["fid"]
         flo, fhi = row["fid_ci"] if row.get("fid_ci") else (f, f)
-        # the bench's basic-bootstrap FID interval may lie below its point estimate: draw it as a segment
-        (point,) = ax.plot([s], [f], "o")
-        ax.plot([s, s], [flo, fhi], "-", color=point.get_color(), alpha=0.7)
-        ax.plot([lo, hi], [f, f], "-", color=point.get_color(), alpha=0.7)
-        ax.annotate(row["cell"], (s, f), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        # the bench's basic-bootstrap FID interval may lie below its point estimate: drawn as a segment
+        ax.plot([s, s], [flo, fhi], "-", color=c, alpha=0.6)
+        ax.plot([lo, hi], [f, f], "-", color=c, alpha=0.6)
+        ax.plot([s], [f], marker=m, color=c, linestyle="none")
+    handles = [Line2D([], [], color=colours[n], marker="o", linestyle="none", label=n) for n in names]
+    handles += [Line2D([], [], color="gray", marker=markers[k], linestyle="none", label=f"{k} steps") for k in steps]
+    ax.legend(handles=handles, fontsize=8, loc="best")
     ax.set_xscale("log")
     ax.set_xlabel("seconds per image (median over rounds, [min, max]); log scale")
     ax.set_ylabel("FID (digits classifier features), 95% interval")
