@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -113,8 +114,28 @@ def test_compressed_students_refuse_a_teacher_of_another_family(method, tiny_sd3
     assert main(["distill", "--teacher", tiny_sd3, "--method", method, "--output", str(out), "--max-train-steps", "1",
                  "--benchmark-samples", "0"]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "SD 1.x/2.x teachers only" in err and "sd3" in err, err
+    assert len(err.splitlines()) == 1 and "UNet families" in err and "sd3" in err, err
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_the_compressed_chain_on_an_sdxl_teacher(tiny_sdxl, tmp_path):
+    """SDXL, the other UNet family: kd (tiny architecture) -> lcm from it -> the tiny decoder, each exported as a
+    StableDiffusionXLPipeline; the last one holds the compressed UNet (its added text-time conditioning kept) and
+    an AutoencoderTiny, and samples in a fresh process with plain diffusers."""
+    runs = [("kd", ["--method", "kd", "--student-arch", "tiny", "--steps", "4"]),
+            ("lcm", ["--method", "lcm", "--student-from", str(tmp_path / "kd" / "pipeline"), "--steps", "2",
+                     "--num-ddim-timesteps", "10"]),
+            ("td", ["--method", "tiny-decoder", "--student-from", str(tmp_path / "lcm" / "pipeline"), "--steps", "2"])]
+    for name, args in runs:
+        assert main(["distill", "--teacher", tiny_sdxl, "--output", str(tmp_path / name), *args, *RUN]) == 0, name
+    teacher = json.loads((Path(tiny_sdxl) / "unet" / "config.json").read_text())
+    index = json.loads((tmp_path / "td" / "pipeline" / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionXLPipeline" and index["vae"][1] == "AutoencoderTiny"
+    out = _plain_load(tmp_path / "td" / "pipeline", 2)
+    assert out["vae"] == "AutoencoderTiny" and out["finite"] and out["calls"] == 2
+    assert len(out["unet"]["down_block_types"]) < len(teacher["down_block_types"])
+    assert out["unet"]["addition_embed_type"] == "text_time"
 
 
 PLAIN = r"""

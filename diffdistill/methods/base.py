@@ -218,9 +218,10 @@ class DistillMethod:
 
 
 def require_unet_family(teacher, what: str) -> None:
-    """Compressed students (kd, --student-from, tiny decoders) are built and tested on SD 1.x/2.x teachers only:
-    a one-line UserError for another family."""
+    """Compressed students (kd, --student-from, tiny decoders) are built and tested on the UNet families
+    (SD 1.x/2.x, SDXL): a one-line UserError for a transformer family (SD3, Flux)."""
     from ..errors import require
 
-    require(teacher.family == "sd", f"{what}: compressed students are supported for SD 1.x/2.x teachers only "
-                                    f"(StableDiffusionPipeline), not yet for this {teacher.family} teacher")
+    require(teacher.family in ("sd", "sdxl"), f"{what}: compressed students are supported for the UNet families "
+                                              f"(SD 1.x/2.x and SDXL teachers) only, not yet for this "
+                                              f"{teacher.family} teacher")
