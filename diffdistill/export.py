@@ -185,7 +185,8 @@ def export_student(run, method, teacher, pipeline_dir: Path, lora_dir: Path, pro
                "intended steps": n, "recommended guidance_scale": guidance,
                "scheduler": type(scheduler).__name__, "training steps": train_steps,
                **method.card_details()}
-    baked = json.loads((pipeline_dir / EXPORT_INFO).read_text()).get("guidance_baked", False)
+    exported = json.loads((pipeline_dir / EXPORT_INFO).read_text())
+    baked = exported.get("guidance_baked", False)
     # baked guidance the pipeline ignores (an inert guidance embedding) or must be sampled at scale 1 (SD3)
     scale_ignored = baked and teacher.guidance_embedding
     if scale_ignored:
@@ -203,7 +204,7 @@ def export_student(run, method, teacher, pipeline_dir: Path, lora_dir: Path, pro
     # components the folder leaves out (SD3 without T5) must be named to from_pretrained; a size (Flux) or noise
     # levels (SD3 from 2 steps) where the pipeline's defaults are not the student's
     absent = "".join(f", {k}=None" for k in teacher.absent_parts)
-    size = "".join(f", {k}={v}" for k, v in teacher.sample_kwargs(n).items())
+    size = "".join(f", {k}={v}" for k, v in exported.get("call_kwargs", {}).items())  # as export_pipeline wrote it
     usage = (f'from diffusers import DiffusionPipeline\n\npipe = DiffusionPipeline.from_pretrained("{pipeline_dir}"{absent})\n'
              f'image = pipe("{prompt}", num_inference_steps={n}{size}'
              + (").images[0]" if scale_ignored else f", guidance_scale={guidance}).images[0]"))

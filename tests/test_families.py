@@ -231,7 +231,6 @@ def test_sd3_without_t5_trains_and_its_card_names_the_absent_encoder(tmp_path, o
     assert img.shape == (1, 32, 32, 3)
 
 
-
 @pytest.mark.parametrize("steps", [1, 2, 4])
 @pytest.mark.parametrize("family", ["flux", "sd3"])
 def test_flow_export_samples_at_the_students_training_noise_levels(tiny_flux, tiny_sd3, tmp_path, family, steps):

@@ -94,9 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     for folder, pipe in pipes.items():
         vaes.setdefault(type(pipe.vae).__name__ + ":" + str(decoder_params(pipe.vae)), (folder, pipe.vae))
 
-    latent = pipes[cells[0]["folder"]]
-    shape = (args.batch_size, latent.unet.config.in_channels, latent.unet.config.sample_size,
-             latent.unet.config.sample_size)
+    first = pipes[cells[0]["folder"]]
+    shape = (args.batch_size, first.unet.config.in_channels, first.unet.config.sample_size,
+             first.unet.config.sample_size)
     z = torch.randn(shape, generator=torch.Generator().manual_seed(0))
 
     def run_cell(c):
