@@ -81,10 +81,14 @@ def export_pipeline(teacher, unet, scheduler, folder: Path, steps: int, guidance
         with quiet_loading():
             pipe.save_pretrained(str(tmp), safe_serialization=True)
         call = teacher.sample_kwargs(steps)  # what the pipeline call needs beyond its defaults (the card's usage)
+        # ... and at the step counts a benchmark samples it at (bench reads them: eval.config.read_call_kwargs)
+        by_steps = {str(n): kw for n in sorted({1, 2, 4, 8, steps}) if (kw := teacher.sample_kwargs(n))}
         (tmp / EXPORT_INFO).write_text(json.dumps({**info, "num_inference_steps": steps,
                                                    "recommended_guidance_scale": guidance_scale,
                                                    "guidance_baked": baked,
-                                                   **({"call_kwargs": call} if call else {})}, indent=2) + "\n")
+                                                   **({"call_kwargs": call} if call else {}),
+                                                   **({"call_kwargs_by_steps": by_steps} if by_steps else {})},
+                                                  indent=2) + "\n")
         verify_pipeline(tmp, prompt, steps, guidance_scale, teacher.absent_parts, call)
         replace_dir(tmp, folder)
     except BaseException:  # an error or a signal (Terminated, KeyboardInterrupt): no temporary folder stays

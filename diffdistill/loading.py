@@ -35,6 +35,20 @@ def check_pipeline_folder(path: str | Path, what: str = "pipeline folder") -> di
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
+# Components a family's folder may leave out (null in model_index.json, e.g. SD3 run without T5), which
+# from_pretrained must be told (diffusers does not count them as optional).
+OPTIONAL_PARTS = ("text_encoder_3", "tokenizer_3")
+
+
+def absent_parts(model_index: dict) -> dict:
+    """{name: None} for each optional component that ``model_index`` (a pipeline's model_index.json) leaves out:
+    the keyword arguments ``DiffusionPipeline.from_pretrained`` of that folder needs."""
+    def null(entry) -> bool:
+        return entry is None or (isinstance(entry, (list, tuple)) and all(v is None for v in entry))
+
+    return {k: None for k in OPTIONAL_PARTS if k in model_index and null(model_index[k])}
+
+
 def is_hub_id(source: str) -> bool:
     """A hub id (``owner/name``) that is not a local path."""
     return not Path(source).exists() and HUB_ID.match(source) is not None

@@ -213,6 +213,42 @@ def test_sd3_teacher_conditioning_is_what_the_pipeline_computes(tiny_sd3):
     torch.testing.assert_close(teacher.schedule.sigmas.flip(0).float(), teacher.scheduler.sigmas, rtol=0, atol=1e-6)
 
 
+def test_sd3_without_t5_folds_the_zero_t5_rows_into_one_token_exactly(tmp_path, one_thread):
+    """Without T5 the pipeline appends 256 identical zero rows; the adapter and bench fold them into one token with
+    log(256) on its attention logit. The adapter's velocity equals the transformer's on the unfolded tokens, and a
+    pipeline call with ``folded_call_kwargs`` gives a plain call's images (float rounding apart)."""
+    from diffusers import DiffusionPipeline, SD3Transformer2DModel
+
+    from diffdistill.eval.sampling import load_pipeline
+    from diffdistill.teachers import load_teacher
+    from diffdistill.teachers.sd3 import folded_call_kwargs
+    from diffdistill.tiny_pipelines import save_sd3_pipeline
+
+    folder = save_sd3_pipeline(tmp_path / "no-t5", t5=False)
+    teacher = load_teacher(folder)
+    prompts = ["a handwritten digit 3", ""]
+    cond = teacher.encode_prompts(prompts)
+    tokens, _, pooled, _ = teacher.pipe.encode_prompt(prompts, None, None, do_classifier_free_guidance=False)
+    assert teacher.t5_rows_folded == 256 and cond.shape[1] == tokens.shape[1] - 255 + 1  # + the pooled row
+    plain_net = SD3Transformer2DModel.from_pretrained(folder, subfolder="transformer")
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([999, 400])
+    with torch.no_grad():
+        v = teacher.denoiser().model_output(x, t, cond)
+        ref = plain_net(hidden_states=x, timestep=teacher.schedule.sigma_at(t).float() * 1000,
+                        encoder_hidden_states=tokens, pooled_projections=pooled).sample
+    torch.testing.assert_close(v, ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item())
+
+    pipe = load_pipeline(folder, torch.device("cpu"), torch.float32)  # the null T5 slots are told to diffusers
+    call = {"num_inference_steps": 3, "guidance_scale": 2.0, "output_type": "pt"}
+    plain = pipe(prompts, generator=[torch.Generator().manual_seed(i) for i in range(2)], **call).images
+    kwargs = folded_call_kwargs(pipe)
+    assert kwargs == {"max_sequence_length": 1, "joint_attention_kwargs": {"last_token_repeats": 256}}
+    folded = pipe(prompts, generator=[torch.Generator().manual_seed(i) for i in range(2)], **call, **kwargs).images
+    torch.testing.assert_close(folded, plain, rtol=0, atol=1e-4)
+    with_t5 = DiffusionPipeline.from_pretrained(save_sd3_pipeline(tmp_path / "t5"))
+    assert folded_call_kwargs(with_t5) == {}  # real T5 tokens differ: nothing to fold
+
+
 def test_sd3_without_t5_trains_and_its_card_names_the_absent_encoder(tmp_path, one_thread):
     """text_encoder_3 null in model_index.json (SD3 run without T5): the teacher loads, the export is verified with
     text_encoder_3=None, tokenizer_3=None (diffusers needs them named), and the card's usage line names them."""
@@ -250,6 +286,11 @@ def test_flow_export_samples_at_the_students_training_noise_levels(tiny_flux, ti
                              tmp_path / "export", steps, 1.0, {}, "a digit 3")
     info = json.loads((folder / "diffdistill.json").read_text())
     assert ("sigmas" in info.get("call_kwargs", {})) == (family == "sd3" and steps >= 2)
+    # bench samples every step count at the arguments the export states for it
+    from diffdistill.eval.config import read_call_kwargs
+
+    for n in (1, 2, 4, 8):
+        assert read_call_kwargs(folder, n) == teacher.sample_kwargs(n)
     pipe = DiffusionPipeline.from_pretrained(str(folder), **teacher.reload_kwargs())
     pipe.set_progress_bar_config(disable=True)
     seen = []

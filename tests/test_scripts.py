@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,6 +39,34 @@ def test_train_digits_sd_few_steps_end_to_end(tmp_path):
 
 
 @pytest.mark.slow
+def test_train_digits_flow_few_steps_end_to_end(tmp_path):
+    """The digits-flow script on two steps: an SD3 pipeline without T5 that plain diffusers loads (told the T5
+    slots are empty) and samples, digits-SD's VAE with a shift factor, safetensors only, the same weights from
+    the same seed."""
+    outs = [tmp_path / "a", tmp_path / "b"]
+    for out in outs:
+        r = subprocess.run([sys.executable, str(ROOT / "train_scripts" / "train_digits_flow.py"), "--output", str(out),
+                            "--steps", "2", "--batch-size", "8"], capture_output=True, text=True, timeout=600,
+                           env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=ROOT)
+        assert r.returncode == 0, r.stderr[-3000:]
+    info = json.loads((outs[0] / "training_info.json").read_text())
+    assert info["steps"] == 2 and info["shift"] == 3.0 and info["vae_scaling_factor"] > 0
+
+    from diffusers import DiffusionPipeline
+    from safetensors.torch import load_file
+
+    pipe = DiffusionPipeline.from_pretrained(str(outs[0]), text_encoder_3=None, tokenizer_3=None)
+    assert type(pipe).__name__ == "StableDiffusion3Pipeline" and pipe.text_encoder_3 is None
+    assert type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler" and pipe.scheduler.config.shift == 3.0
+    assert pipe.vae.config.shift_factor == info["vae_shift_factor"]
+    assert not list(outs[0].rglob("*.bin")) and not list(outs[0].rglob("*.pt"))  # safetensors only
+    img = pipe("a handwritten digit 7", num_inference_steps=2, output_type="np").images
+    assert img.shape == (1, 32, 32, 3)
+    weights = [load_file(str(out / "transformer" / "diffusion_pytorch_model.safetensors")) for out in outs]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])  # deterministic given its seed
+
+
+@pytest.mark.slow
 def test_gpu_smoke_runs_on_cpu_with_tiny(tmp_path):
     r = subprocess.run(["bash", str(ROOT / "benchmarks" / "tools" / "gpu_smoke.sh"), str(tmp_path / "smoke"), "--tiny",
                         "--steps", "3", "--batch-size", "2"], capture_output=True, text=True, timeout=600,
@@ -58,6 +87,7 @@ def test_shipped_yaml_presets_resolve_with_their_guidance(preset, tmp_path, caps
     cfg = json.loads(capsys.readouterr().out)["config"]
     teacher = {"digits/add.yaml": 1.5, "digits/dmd.yaml": 1.5, "digits/sds.yaml": 2.0, "sd15/add.yaml": 7.5,
                "sd15/dmd.yaml": 1.75, "sd3/add.yaml": 7.0, "sdxl/dmd.yaml": 8.0,
+               "digits-flow/add.yaml": 1.5, "digits-flow/dmd.yaml": 1.5,
                **{f"digits/dmd2{v}.yaml": 1.5 for v in ("", "_4step", "_gpu", "_4step_gpu")}}
     export = {"digits/lcm.yaml": 1.5, "digits/progressive.yaml": 1.5, "sd15/lcm.yaml": 8.0, "sd15/progressive.yaml": 7.5,
               "digits/kd_base.yaml": 1.5, "digits/kd_tiny.yaml": 1.5, "digits/kd_thin.yaml": 1.5,

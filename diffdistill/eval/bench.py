@@ -36,6 +36,7 @@ from diffdistill.eval.config import (
     DEFAULT_GUIDANCE,
     BenchConfig,
     parse_compare,
+    read_call_kwargs,
     read_prompts,
     read_recommended_guidance,
 )
@@ -53,6 +54,7 @@ from diffdistill.eval.sampling import (
 )
 from diffdistill.memory import PeakMemory
 from diffdistill.outputs import replace_dir
+from diffdistill.teachers.sd3 import folded_call_kwargs
 
 __all__ = ["BenchConfig", "REPORT_VERSION", "report_markdown_table", "run_bench"]
 
@@ -207,7 +209,7 @@ def _run(cfg: BenchConfig, staging: Path) -> dict:
     bar = tqdm(total=n_cells, unit="cell", disable=cfg.no_progress, dynamic_ncols=True)
     with bar:
         for folder, label, guidances in zip(cfg.pipelines, cfg.labels, guidance_by_pipe):
-            pipe = None  # loaded at the first cell the cache does not hold
+            pipe, folded = None, {}  # loaded at the first cell the cache does not hold
             base_scheduler = load_scheduler(folder)
             fingerprint = cache.folder_fingerprint(folder)
             for si, sched_name in enumerate(cfg.schedulers):
@@ -225,21 +227,24 @@ def _run(cfg: BenchConfig, staging: Path) -> dict:
                     warmed = cfg.no_warmup
                     for steps in cfg.steps:
                         bar.set_description(f"{name} {steps} steps")
+                        call = read_call_kwargs(folder, steps)
                         key = cache.make_key({**common, "kind": "cell", "pipeline": fingerprint, "steps": steps,
+                                              **({"call": call} if call else {}),
                                               "guidance": guidance, "scheduler": {
                                                   "class": type(scheduler).__name__, "config": dict(scheduler.config)}})
                         hit = cache.load_entry(cfg.cache_path, "cells", key)
                         if hit is None:
                             if pipe is None:
                                 pipe = load_pipeline(folder, device, dtype, cfg.variant)
+                                folded = folded_call_kwargs(pipe)  # SD3 without T5: the same output, faster
                             pipe.scheduler = make_scheduler(sched_name, base_scheduler)  # fresh state per cell
                             if not warmed:
-                                warmup(pipe, prompts, cfg, steps, guidance)
+                                warmup(pipe, prompts, cfg, steps, guidance, {**folded, **call})
                                 warmed = True
                         grid_stem = f"{len(report['lines']):02d}_{slug(name)}_steps{steps}"  # index: unique
                         result, stats = run_cell(pipe, cfg, inst, prompts, labels_t, steps, guidance, device, hit, key,
                                                  staging, name, grid_stem, grid_columns, bar, ref, ref_stats,
-                                                 resampler)
+                                                 resampler, {**folded, **call})
                         if stats is not None:
                             vs = metrics.compare(stats, floor, cfg.confidence)["fid"]
                             result["vs_real"] = {"difference": vs["difference"], "ci": vs["ci"],
@@ -258,17 +263,17 @@ def _run(cfg: BenchConfig, staging: Path) -> dict:
     return report
 
 
-def warmup(pipe, prompts: list[str], cfg: BenchConfig, steps: int, guidance: float) -> None:
+def warmup(pipe, prompts: list[str], cfg: BenchConfig, steps: int, guidance: float, call_kwargs: dict) -> None:
     """One untimed pipeline call, so the first timed batch does not pay for lazy initialisation."""
     with contextlib.suppress(Exception):  # a failing cell reports its own error
         pipe(prompts[:min(cfg.batch_size, cfg.num_samples)], num_inference_steps=steps, guidance_scale=guidance,
-             generator=torch.Generator().manual_seed(cfg.seed), output_type="pt")
+             generator=torch.Generator().manual_seed(cfg.seed), output_type="pt", **call_kwargs)
 
 
 def run_cell(pipe, cfg: BenchConfig, inst: Instruments, prompts: list[str], labels: torch.Tensor | None, steps: int,
              guidance: float, device: torch.device, hit, key: str, staging: Path, name: str, grid_stem: str,
              grid_columns: int, bar, ref: metrics.SampleSet, ref_stats: metrics.ReferenceStats,
-             resampler: metrics.Resampler) -> tuple[dict[str, Any], metrics.CellStats | None]:
+             resampler: metrics.Resampler, call_kwargs: dict) -> tuple[dict[str, Any], metrics.CellStats | None]:
     """Sample one cell (or take it from the cache), then score it: (result dict, CellStats or None if it failed)."""
     result: dict[str, Any] = {"steps": steps, "num_samples": cfg.num_samples}
     n_grid = grid_columns * GRID_ROWS
@@ -279,7 +284,8 @@ def run_cell(pipe, cfg: BenchConfig, inst: Instruments, prompts: list[str], labe
     else:
         try:
             with PeakMemory(device) as mem:
-                images, seconds, nfe = sample_cell(pipe, prompts, steps, guidance, cfg.seed, cfg.batch_size, device)
+                images, seconds, nfe = sample_cell(pipe, prompts, steps, guidance, cfg.seed, cfg.batch_size, device,
+                                                   call_kwargs=call_kwargs)
         except Exception as e:  # one scheduler/step combination failing must not lose the others
             message = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
             bar.write(f"warning: {name}, {steps} steps failed: {message}")

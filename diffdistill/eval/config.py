@@ -50,6 +50,9 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]] | None] = {
     "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
     "lcm": ("LCMScheduler", {}),
     "tcd": ("TCDScheduler", {}),
+    # flow-matching families (SD3, Flux): the teacher's shift and grid, Euler or Heun steps
+    "flow-euler": ("FlowMatchEulerDiscreteScheduler", {}),
+    "flow-heun": ("FlowMatchHeunDiscreteScheduler", {}),
 }
 
 INTERVALS_HELP = (
@@ -156,6 +159,17 @@ def read_export_info(folder: str | Path) -> dict:
     except json.JSONDecodeError as e:
         raise UserError(f"{path} is not valid JSON ({e})") from None
     return meta if isinstance(meta, dict) else {}
+
+
+def read_call_kwargs(folder: str | Path, steps: int) -> dict:
+    """The pipeline-call arguments the folder's export states for ``steps`` steps (``call_kwargs_by_steps``, or
+    ``call_kwargs`` at its own ``num_inference_steps``: e.g. an SD3 student's training noise levels); {} else."""
+    info = read_export_info(folder)
+    by_steps = info.get("call_kwargs_by_steps", {})
+    value = by_steps.get(str(steps)) if isinstance(by_steps, dict) and str(steps) in by_steps else (
+        info.get("call_kwargs", {}) if info.get("num_inference_steps") == steps else {})
+    require(isinstance(value, dict), f"{Path(folder) / DIFFDISTILL_JSON}: call arguments must be an object, got {value!r}")
+    return value
 
 
 def is_digits_pipeline(folder: str | Path) -> bool:

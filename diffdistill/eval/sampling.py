@@ -7,6 +7,7 @@ and for every pipeline: that shared noise is what makes comparisons between cell
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import time
@@ -19,7 +20,7 @@ import torch
 from diffdistill.errors import UserError, first_line
 from diffdistill.eval.config import SCHEDULERS, parse_scheduler_spec
 from diffdistill.images import save_grid as images_grid
-from diffdistill.loading import quiet_loading, refused_pickle
+from diffdistill.loading import absent_parts, quiet_loading, refused_pickle
 from diffdistill.solvers import scheduler_from_config
 
 GRID_COLUMNS = 10  # one column per digit prompt
@@ -40,6 +41,8 @@ def load_pipeline(folder: str, device: torch.device, dtype: torch.dtype, variant
     kwargs = {} if dtype == torch.float32 else {"torch_dtype": dtype}
     if variant:
         kwargs["variant"] = variant
+    with contextlib.suppress(OSError, ValueError):  # an unreadable model_index.json fails in from_pretrained below
+        kwargs.update(absent_parts(json.loads((Path(folder) / "model_index.json").read_text())))
     try:
         with quiet_loading(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*torch_dtype.*is deprecated", category=FutureWarning)
@@ -117,8 +120,9 @@ def images_to_uint8(images: Any) -> torch.Tensor:
 
 
 def sample_cell(pipe, prompts: list[str], steps: int, guidance: float, seed: int, batch_size: int,
-                device: torch.device, on_batch=None) -> tuple[torch.Tensor, float, float]:
-    """Sample ``len(prompts)`` images; image i uses ``torch.Generator().manual_seed(seed + i)``.
+                device: torch.device, on_batch=None, call_kwargs: dict | None = None) -> tuple[torch.Tensor, float, float]:
+    """Sample ``len(prompts)`` images; image i uses ``torch.Generator().manual_seed(seed + i)``; ``call_kwargs``:
+    further pipeline-call arguments (the folder's ``read_call_kwargs``, ``folded_call_kwargs``).
 
     Returns (uint8 (N, 3, H, W), wall seconds spent inside pipeline calls, denoiser calls per pipeline call).
     CPU generators give the same initial noise on every device.
@@ -133,7 +137,7 @@ def sample_cell(pipe, prompts: list[str], steps: int, guidance: float, seed: int
                 torch.cuda.synchronize(device)
             t0 = time.perf_counter()
             out = pipe(batch, num_inference_steps=steps, guidance_scale=guidance, generator=generators,
-                       output_type="pt")
+                       output_type="pt", **(call_kwargs or {}))
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             seconds += time.perf_counter() - t0

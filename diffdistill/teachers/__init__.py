@@ -12,6 +12,7 @@ import torch
 from ..denoiser import NoiseSchedule, scheduler_prediction_type
 from ..errors import UserError, require
 from ..loading import (
+    absent_parts,
     check_pipeline_folder,
     check_variant,
     hub_kwargs,
@@ -33,8 +34,6 @@ __all__ = ["PROMPT_CACHE_SIZE", "SUPPORTED_PIPELINES", "UNET_LORA_TARGETS", "Flu
 FAMILIES: dict[str, type[Teacher]] = {"StableDiffusionPipeline": Teacher, "StableDiffusionXLPipeline": SDXLTeacher,
                                       "StableDiffusion3Pipeline": SD3Teacher, "FluxPipeline": FluxTeacher}
 SUPPORTED_PIPELINES = tuple(FAMILIES)
-# Components a family's folder may leave out (null in model_index.json), which from_pretrained must be told.
-OPTIONAL_PARTS = ("text_encoder_3", "tokenizer_3")
 
 
 def _require_supported(cls: str, source) -> None:
@@ -57,10 +56,6 @@ def _hub_model_index(source: str, kwargs: dict) -> dict:
             return dict(DiffusionPipeline.load_config(source, **kwargs))
     except Exception as e:  # noqa: BLE001 - any failure to reach the pipeline is one line for the user
         raise UserError(f"cannot load teacher {source!r}: {load_error_line(e)}") from None
-
-
-def _is_null(entry) -> bool:
-    return entry is None or (isinstance(entry, (list, tuple)) and all(v is None for v in entry))
 
 
 def load_teacher(source: str, revision: str = "", variant: str = "", local_files_only: bool = False,
@@ -91,7 +86,7 @@ def load_teacher(source: str, revision: str = "", variant: str = "", local_files
         if variant:
             kwargs["variant"] = variant
         family = FAMILIES[info["_class_name"]]
-        absent = {k: None for k in OPTIONAL_PARTS if k in info and _is_null(info[k])}
+        absent = absent_parts(info)
         kwargs.update(absent)
         if family is Teacher and not safety_checker:
             kwargs.update(safety_checker=None, requires_safety_checker=False)

@@ -9,6 +9,8 @@ weights and the export is sampled with guidance_scale 1 (one pass per step).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..denoiser import FlowMatchSchedule
@@ -26,6 +28,65 @@ def pack_conditioning(tokens: torch.Tensor, pooled: torch.Tensor) -> torch.Tenso
     require(pooled.shape[-1] <= tokens.shape[-1],
             f"pooled width {pooled.shape[-1]} exceeds the token width {tokens.shape[-1]}: cannot pack the conditioning")
     return torch.cat([tokens, torch.nn.functional.pad(pooled, (0, tokens.shape[-1] - pooled.shape[-1]))[:, None]], 1)
+
+
+class FoldedTokensJointAttnProcessor:
+    """SD3's joint attention (the computation of diffusers' ``JointAttnProcessor2_0``) where the last text token
+    may stand for ``last_token_repeats`` identical copies of itself.
+
+    SD3 run without T5 (``text_encoder_3=None``) appends ``max_sequence_length`` (256) rows of zeros to the CLIP
+    tokens. Identical text tokens stay identical through every block (each is a function of itself and of the
+    shared attention context), so one of them with log(n) added to its attention logit, as a key, gives every
+    query exactly the attention of n copies: the same transformer output at a fraction of the text stream's
+    cost (16 + 1 tokens instead of 16 + 256 for digits-flow). ``last_token_repeats=1`` is plain joint attention.
+    """
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 last_token_repeats: int = 1, **kwargs):
+        batch, n_image = hidden_states.shape[:2]
+
+        def split_heads(x, norm=None):
+            x = x.view(batch, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
+            return x if norm is None else norm(x)
+
+        query = split_heads(attn.to_q(hidden_states), attn.norm_q)
+        key = split_heads(attn.to_k(hidden_states), attn.norm_k)
+        value = split_heads(attn.to_v(hidden_states))
+        bias = None
+        if encoder_hidden_states is not None:
+            query = torch.cat([query, split_heads(attn.add_q_proj(encoder_hidden_states), attn.norm_added_q)], 2)
+            key = torch.cat([key, split_heads(attn.add_k_proj(encoder_hidden_states), attn.norm_added_k)], 2)
+            value = torch.cat([value, split_heads(attn.add_v_proj(encoder_hidden_states))], 2)
+            if last_token_repeats > 1:
+                bias = torch.zeros(1, key.shape[2], dtype=query.dtype, device=query.device)
+                bias[:, -1] = math.log(last_token_repeats)
+        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=bias)
+        out = out.transpose(1, 2).reshape(batch, -1, out.shape[1] * out.shape[3]).to(query.dtype)
+        image = attn.to_out[1](attn.to_out[0](out[:, :n_image]))
+        if encoder_hidden_states is None:
+            return image
+        text = out[:, n_image:]
+        return image, (text if attn.context_pre_only else attn.to_add_out(text))
+
+
+def fold_absent_t5(pipe_or_transformer) -> None:
+    """Give the transformer (of a pipeline) ``FoldedTokensJointAttnProcessor`` on every attention, once."""
+    net = getattr(pipe_or_transformer, "transformer", pipe_or_transformer)
+    for attr in ("module", "_orig_mod"):  # DistributedDataParallel, torch.compile
+        net = getattr(net, attr, net)
+    if not getattr(net, "_diffdistill_folded_tokens", False):
+        net.set_attn_processor(FoldedTokensJointAttnProcessor())
+        net._diffdistill_folded_tokens = True
+
+
+def folded_call_kwargs(pipe, max_sequence_length: int = 256) -> dict:
+    """For a StableDiffusion3Pipeline without T5: install the folding attention and return the call arguments
+    that give its default output (``max_sequence_length`` zero T5 rows) with the zero rows folded into one;
+    {} for any other pipeline."""
+    if type(pipe).__name__ != "StableDiffusion3Pipeline" or pipe.text_encoder_3 is not None:
+        return {}
+    fold_absent_t5(pipe)
+    return {"max_sequence_length": 1, "joint_attention_kwargs": {"last_token_repeats": max_sequence_length}}
 
 
 def flow_euler_preset(teacher_scheduler):
@@ -85,19 +146,30 @@ class SD3Teacher(Teacher):
     def cond_dim(self) -> int:
         return self.unet.config.joint_attention_dim
 
+    @property
+    def t5_rows_folded(self) -> int:
+        """How many identical zero T5 rows the conditioning's last token stands for: ``max_sequence_length``
+        without T5 (``FoldedTokensJointAttnProcessor``), 1 (nothing folded) with it."""
+        return self.max_sequence_length if self.pipe.text_encoder_3 is None else 1
+
     def net_call(self, net, x_t, timestep, cond, timestep_cond=None):
         """SD3Transformer2DModel(hidden_states, timestep = sigma * 1000, joint tokens, pooled) -> velocity."""
         pooled = cond[:, -1, : self.unet.config.pooled_projection_dim]
+        kwargs = {}
+        if self.t5_rows_folded > 1:
+            fold_absent_t5(net)
+            kwargs["joint_attention_kwargs"] = {"last_token_repeats": self.t5_rows_folded}
         return net(hidden_states=x_t, timestep=timestep, encoder_hidden_states=cond[:, :-1],
-                   pooled_projections=pooled, return_dict=False)[0]
+                   pooled_projections=pooled, return_dict=False, **kwargs)[0]
 
     @torch.no_grad()
     def _encode(self, prompts: list[str]) -> torch.Tensor:
-        """StableDiffusion3Pipeline.encode_prompt, packed (module docstring): (B, L + 1, D)."""
+        """StableDiffusion3Pipeline.encode_prompt, packed (module docstring): (B, L + 1, D); without T5 its
+        zero rows folded into one (``t5_rows_folded``)."""
         device = self.pipe.text_encoder.device
+        length = 1 if self.t5_rows_folded > 1 else self.max_sequence_length
         tokens, _, pooled, _ = self.pipe.encode_prompt(prompts, None, None, device=device,
-                                                       do_classifier_free_guidance=False,
-                                                       max_sequence_length=self.max_sequence_length)
+                                                       do_classifier_free_guidance=False, max_sequence_length=length)
         return pack_conditioning(tokens, pooled)
 
     def make_student(self, time_cond_proj_dim: int | None = None, start=None):
