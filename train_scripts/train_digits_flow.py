@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -31,6 +30,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from train_digits_sd import optimizer_schedule_ema  # noqa: E402  (the digits teachers share their optimisation)
 
 from diffdistill.denoiser import shift_sigmas  # noqa: E402
 from diffdistill.digits import DIGIT_PROMPTS, DIGITS_MARKER, load_digits_32  # noqa: E402
@@ -54,21 +56,9 @@ def clip_with_projection(text_encoder):
 
 def train(teacher, latents_mean, latents_std, labels, args, log):
     """Flow-matching training (velocity target, logit-normal shifted sigmas), CFG dropout, EMA weights."""
-    from diffusers.training_utils import EMAModel
-
     net = teacher.unet
     g = torch.Generator().manual_seed(args.seed + 1)
-    opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=1e-2)
-    warmup = min(200, max(args.steps // 10, 1))
-
-    def lr_lambda(step):
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(args.steps - warmup, 1)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
-    ema = EMAModel(net.parameters(), decay=args.ema_decay, use_ema_warmup=True, power=0.75)
+    opt, sched, ema = optimizer_schedule_ema(net, args.lr, args.steps, args.ema_decay)
     text = teacher.encode_prompts(DIGIT_PROMPTS)  # (10, L + 1, D), packed as the adapter's methods see it
     uncond = teacher.encode_prompts([""])
     scaling, shift_factor = teacher.vae.config.scaling_factor, teacher.vae.config.shift_factor

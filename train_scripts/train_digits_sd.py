@@ -69,22 +69,28 @@ def encode_prompts(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
     return text_encoder(ids)[0]
 
 
-def train_unet(unet, latents_mean, latents_std, scaling, labels, text_emb, uncond_emb, scheduler, args, log):
-    """Epsilon-prediction denoising training with 10% empty-prompt dropout and an EMA copy."""
+def optimizer_schedule_ema(net, lr: float, steps: int, ema_decay: float):
+    """AdamW (weight decay 0.01), linear warm-up over min(200, steps / 10) steps then cosine decay to 10% of
+    ``lr``, and an EMA of ``net`` (with EMA warm-up): the digits teachers' optimisation (digits-SD, digits-flow)."""
     from diffusers.training_utils import EMAModel
 
-    g = torch.Generator().manual_seed(args.seed + 1)
-    opt = torch.optim.AdamW(unet.parameters(), lr=args.unet_lr, weight_decay=1e-2)
-    warmup = min(200, max(args.unet_steps // 10, 1))
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-2)
+    warmup = min(200, max(steps // 10, 1))
 
     def lr_lambda(step):
         if step < warmup:
             return (step + 1) / warmup
-        progress = (step - warmup) / max(args.unet_steps - warmup, 1)
+        progress = (step - warmup) / max(steps - warmup, 1)
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
-    ema = EMAModel(unet.parameters(), decay=args.ema_decay, use_ema_warmup=True, power=0.75)
+    return opt, sched, EMAModel(net.parameters(), decay=ema_decay, use_ema_warmup=True, power=0.75)
+
+
+def train_unet(unet, latents_mean, latents_std, scaling, labels, text_emb, uncond_emb, scheduler, args, log):
+    """Epsilon-prediction denoising training with 10% empty-prompt dropout and an EMA copy."""
+    g = torch.Generator().manual_seed(args.seed + 1)
+    opt, sched, ema = optimizer_schedule_ema(unet, args.unet_lr, args.unet_steps, args.ema_decay)
     alphas_cumprod = scheduler.alphas_cumprod
     unet.train()
     t0 = time.time()
