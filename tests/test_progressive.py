@@ -215,3 +215,39 @@ def test_time_limit_mid_run_exports_the_current_stage_with_its_own_step_count(ti
     assert info["num_inference_steps"] == 8  # the guidance stage's student samples in 8 steps, not --steps 2
     card = (tmp_path / "run" / "pipeline" / "README.md").read_text()
     assert "early, by --max-train-minutes, at step 1" in card
+
+
+def test_halving_stage_teacher_is_not_guided_again_when_the_guidance_is_baked_in(tiny_sd3, one_thread):
+    """SD3's MMDiT has no guidance embedding: the guidance stage bakes one scale into the student, and the later
+    stages' teacher (that student) must be called once, conditionally; a CFG pass on top would compound the
+    guidance at every halving."""
+    from diffdistill.teachers import load_teacher
+
+    teacher = load_teacher(tiny_sd3)
+    cfg = ProgressiveConfig(start_steps=4, guidance_iters=1, iters_per_stage=1, w_min=1.5, w_max=1.5)
+    method = ProgressiveDistillation(cfg, RunConfig(teacher=tiny_sd3, steps=2))
+    method.validate(teacher)
+    method.setup(teacher)
+    method.before_step(0)
+    with torch.no_grad():  # a stage teacher that differs from the original teacher
+        for p in method.student.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    method.before_step(1)  # the halving stage 4 -> 2 starts: its teacher is the student as it is now
+    assert method.current.kind == "halve"
+    batch = {"pixel_values": torch.rand(2, 3, 32, 32) * 2 - 1, "prompt": ["a handwritten digit 1", ""]}
+    torch.manual_seed(3)
+    loss, _ = method.loss("train", batch, 1)
+
+    student = teacher.denoiser(method.student, method.schedule)
+    stage_teacher = teacher.denoiser(method.stage_teacher, method.schedule)
+
+    def manual(uncond_given: bool):
+        torch.manual_seed(3)
+        prepared = teacher.encode_batch(batch, "progressive distillation")
+        prepared["grid"] = trailing_grid(1000, 4)
+        if not uncond_given:
+            prepared["uncond"] = None
+        return progressive_loss(student, stage_teacher, prepared, cfg)[0]
+
+    assert loss.item() == pytest.approx(manual(False).item(), rel=1e-5)
+    assert abs(manual(True).item() - loss.item()) > 1e-3 * loss.item()  # guided again: another target

@@ -136,7 +136,8 @@ def progressive_loss(student: Denoiser, teacher: Denoiser, batch: dict, cfg: Pro
     student's is every other point); optional ``j`` (B,) student step indices, ``w``, ``noise``.
     The target x~ solves z_s = alpha_s x~ + sigma_s (z_t - alpha_t x~) / sigma_t (paper, eq. 8).
     """
-    x0, cond, uncond, grid = batch["latents"], batch["cond"], batch["uncond"], batch["grid"].to(batch["latents"].device)
+    x0, cond, grid = batch["latents"], batch["cond"], batch["grid"].to(batch["latents"].device)
+    uncond = batch.get("uncond")  # None: the teacher is not guided again (a student with its guidance baked in)
     b, sched = x0.shape[0], teacher.schedule
     n_student = (grid.shape[0] - 1) // 2
     j = batch.get("j")
@@ -241,7 +242,10 @@ class ProgressiveDistillation(DistillMethod):
         if stage.index == 0:  # no guidance stage: the first teacher is the original one, with CFG
             teacher = self.teacher.denoiser(schedule=self.schedule)
         else:
+            # The stage teacher is an earlier student: guided already (by its guidance embedding, or baked in
+            # where the network has none, as SD3's), so it gets no CFG pass on top.
             teacher = self.teacher.denoiser(self.stage_teacher, self.schedule)
+            prepared = {**prepared, "uncond": None}
         prepared["grid"] = trailing_grid(self.schedule.num_train_timesteps, 2 * stage.student_steps)
         loss, logs = progressive_loss(student, teacher, prepared, self.cfg)
         return loss, {**logs, "stage": float(stage.index), "student_steps": float(stage.student_steps)}
