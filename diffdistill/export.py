@@ -198,6 +198,10 @@ def export_student(run, method, teacher, pipeline_dir: Path, lora_dir: Path, pro
     elif baked:
         details["guidance"] = ("baked into the weights: sample with guidance_scale=1 (one pass per step; a larger "
                                "scale adds a classifier-free-guidance pass on top)")
+    if scheduler.config.get("stochastic_sampling") and n > 1:
+        details["sampling noise"] = ("the scheduler noises the student's x0 afresh between steps, from torch's global "
+                                     "RNG (the pipeline does not hand its generator to the scheduler): call "
+                                     "torch.manual_seed before the pipeline for reproducible images")
     if run.drop_safety_checker:
         details["safety checker"] = ("dropped (--drop-safety-checker): this pipeline does not filter its outputs, "
                                      "whatever the teacher did")

@@ -80,6 +80,11 @@ def test_every_method_trains_exports_and_loads_in_plain_diffusers(family, reques
         info = json.loads((out / "pipeline" / "diffdistill.json").read_text())
         exports.append([str(out / "pipeline"), info["num_inference_steps"], info["recommended_guidance_scale"], net,
                         SIZES.get(family, {})])
+        if family != "sdxl":  # flow exports: only progressive students step deterministically (as they trained)
+            config = json.loads((out / "pipeline" / "scheduler" / "scheduler_config.json").read_text())
+            assert config["stochastic_sampling"] == (name != "progressive"), name
+            card = (out / "pipeline" / "README.md").read_text()
+            assert ("torch.manual_seed" in card) == (config["stochastic_sampling"] and info["num_inference_steps"] > 1)
         if name == "lcm_lora":
             from safetensors.torch import load_file
 
@@ -304,3 +309,24 @@ def test_flow_export_samples_at_the_students_training_noise_levels(tiny_flux, ti
     for grid in (lcm_grid(T, steps).flip(0), trailing_grid(T, steps)[:-1]):
         torch.testing.assert_close(torch.tensor(seen) / scale, teacher.schedule.sigma_at(grid).float(), rtol=0,
                                    atol=2e-6)
+
+    # Between steps the student's x0 is noised afresh (stochastic_sampling, plain diffusers), from torch's global
+    # RNG: the pipeline passes no generator to the scheduler. One step ends on x0 and draws nothing that counts.
+    assert pipe.scheduler.config.stochastic_sampling
+
+    def sample(global_seed: int) -> torch.Tensor:
+        torch.manual_seed(global_seed)
+        return pipe("a digit 3", num_inference_steps=steps, guidance_scale=1.0, output_type="latent",
+                    generator=torch.Generator().manual_seed(0), **info.get("call_kwargs", {})).images
+
+    a, b, c = sample(1), sample(1), sample(2)
+    assert torch.equal(a, b) and torch.equal(a, c) == (steps == 1)
+    # bench seeds that noise per batch: the same images whatever the global RNG's state before
+    from diffdistill.eval.sampling import sample_cell
+
+    cells = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        cells.append(sample_cell(pipe, ["a digit 3", "a digit 4"], steps, 1.0, 7, 2, torch.device("cpu"),
+                                 call_kwargs=read_call_kwargs(folder, steps))[0])
+    assert torch.equal(cells[0], cells[1])

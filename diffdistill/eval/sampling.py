@@ -121,7 +121,8 @@ def images_to_uint8(images: Any) -> torch.Tensor:
 
 def sample_cell(pipe, prompts: list[str], steps: int, guidance: float, seed: int, batch_size: int,
                 device: torch.device, on_batch=None, call_kwargs: dict | None = None) -> tuple[torch.Tensor, float, float]:
-    """Sample ``len(prompts)`` images; image i uses ``torch.Generator().manual_seed(seed + i)``; ``call_kwargs``:
+    """Sample ``len(prompts)`` images; image i uses ``torch.Generator().manual_seed(seed + i)`` (and each batch's
+    pipeline call the global seed ``seed + start``, for noise a scheduler draws unseeded); ``call_kwargs``:
     further pipeline-call arguments (the folder's ``read_call_kwargs``, ``folded_call_kwargs``).
 
     Returns (uint8 (N, 3, H, W), wall seconds spent inside pipeline calls, denoiser calls per pipeline call).
@@ -136,8 +137,12 @@ def sample_cell(pipe, prompts: list[str], steps: int, guidance: float, seed: int
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             t0 = time.perf_counter()
-            out = pipe(batch, num_inference_steps=steps, guidance_scale=guidance, generator=generators,
-                       output_type="pt", **(call_kwargs or {}))
+            # The global RNG too, on a forked state: a scheduler whose step draws noise without the pipeline's
+            # generator (SD3/Flux consistency students' FlowMatchEuler with stochastic_sampling) is then seeded.
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                torch.manual_seed(seed + start)
+                out = pipe(batch, num_inference_steps=steps, guidance_scale=guidance, generator=generators,
+                           output_type="pt", **(call_kwargs or {}))
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             seconds += time.perf_counter() - t0
