@@ -20,7 +20,6 @@ and the transformer call, which folds the 256 zero T5 rows into one attention to
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -32,10 +31,10 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from train_digits_sd import optimizer_schedule_ema  # noqa: E402  (the digits teachers share their optimisation)
+from train_digits_sd import optimizer_schedule_ema, save_digits_pipeline  # noqa: E402  (shared by the digits teachers)
 
 from diffdistill.denoiser import shift_sigmas  # noqa: E402
-from diffdistill.digits import DIGIT_PROMPTS, DIGITS_MARKER, load_digits_32  # noqa: E402
+from diffdistill.digits import DIGIT_PROMPTS, load_digits_32  # noqa: E402
 
 TRANSFORMER = dict(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=4, attention_head_dim=32,
                    num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=128,
@@ -164,21 +163,12 @@ def main(argv: list[str] | None = None) -> int:
     train(teacher, latents_mean, latents_std, labels, args, log)
     minutes = (time.time() - t_train) / 60
 
-    args.output.mkdir(parents=True, exist_ok=True)
-    with quiet_loading():
-        pipe.save_pretrained(args.output, safe_serialization=True)
-    info = {
+    save_digits_pipeline(pipe, args.output, {
         "seed": args.seed, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
         "ema_decay": args.ema_decay, "uncond_prob": args.uncond_prob, "shift": args.shift,
         "logit_mean": args.logit_mean, "logit_std": args.logit_std, "transformer_parameters": n_params,
         "vae_shift_factor": shift_factor, "vae_scaling_factor": scaling, "train_minutes": round(minutes, 2),
-        "total_minutes": round((time.time() - t_start) / 60, 2), "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-    }
-    (args.output / "training_info.json").write_text(json.dumps(info, indent=2) + "\n")
-    # A digits pipeline (bench's digits defaults apply); the recommended guidance is measured afterwards.
-    (args.output / "diffdistill.json").write_text(json.dumps(DIGITS_MARKER, indent=2) + "\n")
-    log(f"saved {args.output} ({info['total_minutes']} min total)")
+    }, t_start, log)
     return 0
 
 

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from diffdistill.digits import DIGIT_PROMPTS, DIGITS_MARKER, load_digits_32  # noqa: E402
+from diffdistill.loading import quiet_loading  # noqa: E402
 from diffdistill.tiny_pipelines import (  # noqa: E402
     build_scheduler,
     build_text_encoder,
@@ -121,6 +122,20 @@ def train_unet(unet, latents_mean, latents_std, scaling, labels, text_emb, uncon
     unet.eval()
 
 
+def save_digits_pipeline(pipe, output: Path, info: dict, t_start: float, log) -> None:
+    """Save a digits teacher: the pipeline (safetensors), training_info.json (``info`` plus total minutes, threads
+    and torch version) and the digits marker (bench's digits defaults apply; the recommended guidance is measured
+    afterwards and added by hand)."""
+    output.mkdir(parents=True, exist_ok=True)
+    with quiet_loading():
+        pipe.save_pretrained(output, safe_serialization=True)
+    info = {**info, "total_minutes": round((time.time() - t_start) / 60, 2),
+            "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
+    (output / "training_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    (output / "diffdistill.json").write_text(json.dumps(DIGITS_MARKER, indent=2) + "\n")
+    log(f"saved {output} ({info['total_minutes']} min total)")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output", type=Path, default=Path("assets/digits-sd"), help="pipeline folder to write (default: %(default)s)")
@@ -183,9 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
-    args.output.mkdir(parents=True, exist_ok=True)
-    pipe.save_pretrained(args.output, safe_serialization=True)
-    info = {
+    save_digits_pipeline(pipe, args.output, {
         "seed": args.seed,
         "vae_steps": args.vae_steps,
         "vae_batch_size": args.vae_batch_size,
@@ -198,14 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         "vae_scaling_factor": scaling,
         "vae_minutes": round(vae_minutes, 2),
         "unet_minutes": round(unet_minutes, 2),
-        "total_minutes": round((time.time() - t_start) / 60, 2),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-    }
-    (args.output / "training_info.json").write_text(json.dumps(info, indent=2) + "\n")
-    # A digits pipeline (bench's digits defaults apply); the recommended guidance is measured afterwards.
-    (args.output / "diffdistill.json").write_text(json.dumps(DIGITS_MARKER, indent=2) + "\n")
-    log(f"saved {args.output} ({info['total_minutes']} min total)")
+    }, t_start, log)
     return 0
 
 
