@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from diffdistill.eval.config import parse_scheduler_spec  # noqa: E402
 from diffdistill.eval.sampling import make_scheduler  # noqa: E402
+from diffdistill.loading import absent_parts  # noqa: E402
 
 
 def main() -> int:
@@ -31,7 +32,8 @@ def main() -> int:
     parse_scheduler_spec(args.scheduler)  # a bad spec fails before anything is copied
     from diffusers import DiffusionPipeline
 
-    base = DiffusionPipeline.from_pretrained(str(args.source)).scheduler
+    index = json.loads((args.source / "model_index.json").read_text())
+    base = DiffusionPipeline.from_pretrained(str(args.source), **absent_parts(index)).scheduler  # e.g. SD3 without T5
     tmp = args.dest.with_name(f".{args.dest.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(args.source, tmp, ignore=shutil.ignore_patterns("README.md", "*.png"))
