@@ -154,10 +154,30 @@ def test_guidance_range_on_a_teacher_without_guidance_embedding_is_refused(tiny_
     assert "no guidance embedding" in _bad_run(tiny_sd3, tmp_path, capsys, *args)
 
 
-def test_dmd2_few_step_student_on_a_flow_teacher_is_refused(tiny_sd3, tmp_path, capsys):
-    # backward simulation re-noises between steps; the flow export's Euler scheduler would not
-    err = _bad_run(tiny_sd3, tmp_path, capsys, "--method", "dmd", "--steps", "2", "--regression-weight", "0")
-    assert "few-step students of flow-matching teachers" in err
+def test_dmd2_few_step_student_on_a_flow_teacher_exports_a_sampler_that_renoises_as_it_trained(tiny_sd3, tmp_path,
+                                                                                             one_thread):
+    """Backward simulation re-noises the student's x0 to the next grid level with fresh noise; the flow export
+    does the same (stochastic_sampling) at the same levels (the call's sigmas: the training grid)."""
+    from diffusers import DiffusionPipeline
+
+    from diffdistill.methods.score import student_timestep_grid
+    from diffdistill.teachers import load_teacher
+
+    out = tmp_path / "run"
+    assert main(["distill", "--teacher", tiny_sd3, "--output", str(out), *BASE, "--method", "dmd", "--steps", "2",
+                 "--regression-weight", "0"]) == 0
+    info = json.loads((out / "pipeline" / "diffdistill.json").read_text())
+    pipe = DiffusionPipeline.from_pretrained(str(out / "pipeline"))
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.scheduler.config.stochastic_sampling and info["num_inference_steps"] == 2
+    seen = []
+    hook = pipe.transformer.register_forward_pre_hook(lambda m, a, k: seen.append(float(k["timestep"][0])),
+                                                      with_kwargs=True)
+    pipe("a digit 3", num_inference_steps=2, guidance_scale=1.0, output_type="latent", **info["call_kwargs"])
+    hook.remove()
+    schedule = load_teacher(tiny_sd3).schedule
+    grid = schedule.sigma_at(student_timestep_grid(schedule.num_train_timesteps, 2)).float()
+    torch.testing.assert_close(torch.tensor(seen) / 1000, grid, rtol=0, atol=2e-6)
 
 
 def test_flux_without_guidance_input_refuses_a_teacher_guidance_needing_two_passes(tmp_path, capsys):

@@ -245,11 +245,6 @@ class ScoreDistillation(RegressionPoolState, DistillMethod):
         t_train = teacher.schedule.num_train_timesteps
         require(self.cfg.t_max < t_train, f"--t-max must be < {t_train} (the teacher's timesteps), got {self.cfg.t_max}")
         require(self.run.steps <= t_train, f"--steps must be <= {t_train} (the teacher's timesteps), got {self.run.steps}")
-        # A flow family's export samples deterministically (FlowMatchEulerDiscreteScheduler) where backward
-        # simulation re-noises with fresh noise: the same map at one step only.
-        require(self.run.steps == 1 or teacher.prediction_type != "flow",
-                f"--method {self.name} --steps {self.run.steps}: few-step students of flow-matching teachers "
-                "(SD3, Flux) are not supported yet; use --steps 1")
 
     def setup(self, teacher) -> None:
         self.teacher = teacher
@@ -398,7 +393,8 @@ class ScoreDistillation(RegressionPoolState, DistillMethod):
 
     def export_scheduler(self, teacher_scheduler):
         # The student's timesteps (one: t = T - 1) with the same boundary scalings as OneStepUNetGenerator.at;
-        # LCMScheduler re-noises between steps with fresh noise, as backward_simulate does in training.
+        # between steps LCMScheduler (SD) and FlowMatchEuler with stochastic_sampling (SD3, Flux) re-noise with
+        # fresh noise, as backward_simulate does in training.
         return self.teacher.consistency_scheduler(teacher_scheduler, self.run.steps, TIMESTEP_SCALING)
 
     def card_details(self) -> dict:
