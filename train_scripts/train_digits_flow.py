@@ -31,7 +31,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from train_digits_sd import optimizer_schedule_ema, save_digits_pipeline  # noqa: E402  (shared by the digits teachers)
+from train_digits_sd import apply_update, optimizer_schedule_ema, save_digits_pipeline  # noqa: E402  (shared by the digits teachers)
 
 from diffdistill.denoiser import shift_sigmas  # noqa: E402
 from diffdistill.digits import DIGIT_PROMPTS, load_digits_32  # noqa: E402
@@ -77,12 +77,7 @@ def train(teacher, latents_mean, latents_std, labels, args, log):
         x_t = (1 - s) * x0 + s * noise
         v = teacher.net_call(net, x_t, sigma * 1000.0, cond)
         loss = F.mse_loss(v, noise - x0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        ema.step(net.parameters())
+        apply_update(loss, net, opt, sched, ema)
         if step % 100 == 0 or step == args.steps - 1:
             rate = (step + 1) / (time.time() - t0)
             log(f"step {step + 1}/{args.steps} loss {loss.item():.4f} ({rate:.2f} it/s)")

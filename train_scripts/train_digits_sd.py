@@ -88,6 +88,17 @@ def optimizer_schedule_ema(net, lr: float, steps: int, ema_decay: float):
     return opt, sched, EMAModel(net.parameters(), decay=ema_decay, use_ema_warmup=True, power=0.75)
 
 
+def apply_update(loss, net, opt, sched, ema) -> None:
+    """One optimisation step of a digits teacher: gradients of ``loss``, clipped to norm 1, the optimiser and LR
+    schedule stepped, the EMA updated."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+    opt.step()
+    sched.step()
+    ema.step(net.parameters())
+
+
 def train_unet(unet, latents_mean, latents_std, scaling, labels, text_emb, uncond_emb, scheduler, args, log):
     """Epsilon-prediction denoising training with 10% empty-prompt dropout and an EMA copy."""
     g = torch.Generator().manual_seed(args.seed + 1)
@@ -109,12 +120,7 @@ def train_unet(unet, latents_mean, latents_std, scaling, labels, text_emb, uncon
         zt = a * z0 + s * noise
         pred = unet(zt, t, encoder_hidden_states=cond).sample
         loss = F.mse_loss(pred, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        ema.step(unet.parameters())
+        apply_update(loss, unet, opt, sched, ema)
         if step % 100 == 0 or step == args.unet_steps - 1:
             rate = (step + 1) / (time.time() - t0)
             log(f"unet step {step + 1}/{args.unet_steps} loss {loss.item():.4f} ({rate:.2f} it/s)")

@@ -2,9 +2,9 @@
 by symlinks, diffdistill.json changed:
 
 - OUT/teacher-grid: its Euler solver at the noise levels its N-step students train and sample at
-  (``SD3Teacher.sample_kwargs``: unshifted sigmas (t + 1) / T on ``lcm_grid(T, N)``, 1.0 -> 0.5 at 2 steps, which the
-  scheduler shifts to 1.0 -> 0.75), as ``call_kwargs_by_steps``. diffusers' default N-step grid ends at the
-  scheduler's smallest sigma instead (1.0 -> 0.009 at 2 steps).
+  (``student_grid_call_kwargs``, as the students' exports state them: unshifted sigmas 1.0 -> 0.5 at 2 steps,
+  which the scheduler shifts to 1.0 -> 0.75), as ``call_kwargs_by_steps``. diffusers' default N-step grid ends at
+  the scheduler's smallest sigma instead (1.0 -> 0.009 at 2 steps).
 - OUT/teacher-g1: recommended guidance 1.0 instead of 1.5 (one bench run holds both scales beside other lines).
 
 The Heun line is `python benchmarks/tools/teacher_with_solver.py assets/digits-flow OUT/teacher-heun flow-heun`.
@@ -16,7 +16,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from diffdistill.solvers import lcm_grid
+from diffdistill.teachers.sd3 import student_grid_call_kwargs
 
 TEACHER = Path(__file__).resolve().parents[2] / "assets" / "digits-flow"
 
@@ -34,7 +34,7 @@ def linked_copy(dst: Path, info: dict) -> None:
 def main(out: Path) -> None:
     info = json.loads((TEACHER / "diffdistill.json").read_text())
     T = json.loads((TEACHER / "scheduler" / "scheduler_config.json").read_text())["num_train_timesteps"]
-    grid = {str(n): {"sigmas": [float(t + 1) / T for t in lcm_grid(T, n).flip(0).tolist()]} for n in (2, 4, 8, 50)}
+    grid = {str(n): student_grid_call_kwargs(T, n) for n in (2, 4, 8, 50)}
     linked_copy(out / "teacher-grid", {**info, "call_kwargs_by_steps": grid})
     linked_copy(out / "teacher-g1", {**info, "recommended_guidance_scale": 1.0})
     print(f"wrote {out / 'teacher-grid'} and {out / 'teacher-g1'}")

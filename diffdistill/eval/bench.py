@@ -212,6 +212,7 @@ def _run(cfg: BenchConfig, staging: Path) -> dict:
             pipe, folded = None, {}  # loaded at the first cell the cache does not hold
             base_scheduler = load_scheduler(folder)
             fingerprint = cache.folder_fingerprint(folder)
+            calls = {steps: read_call_kwargs(folder, steps) for steps in cfg.steps}  # the export's, per step count
             for si, sched_name in enumerate(cfg.schedulers):
                 for gi, guidance in enumerate(guidances):
                     name = label
@@ -227,7 +228,7 @@ def _run(cfg: BenchConfig, staging: Path) -> dict:
                     warmed = cfg.no_warmup
                     for steps in cfg.steps:
                         bar.set_description(f"{name} {steps} steps")
-                        call = read_call_kwargs(folder, steps)
+                        call = calls[steps]
                         key = cache.make_key({**common, "kind": "cell", "pipeline": fingerprint, "steps": steps,
                                               **({"call": call} if call else {}),
                                               "guidance": guidance, "scheduler": {

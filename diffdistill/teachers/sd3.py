@@ -103,6 +103,18 @@ def flow_euler_preset(teacher_scheduler, stochastic: bool = False):
                                  use_beta_sigmas=False, invert_sigmas=False, stochastic_sampling=stochastic)
 
 
+def student_grid_call_kwargs(num_train_timesteps: int, steps: int) -> dict:
+    """A StableDiffusion3Pipeline call's arguments that sample at an N-step student's training noise levels: the
+    unshifted sigmas (t + 1) / T on ``lcm_grid(T, N)``, descending, which the scheduler shifts ({} for one step:
+    sigma 1 -> 0 is the pipeline's own)."""
+    if steps < 2:
+        return {}
+    from ..solvers import lcm_grid
+
+    T = num_train_timesteps
+    return {"sigmas": [float(t + 1) / T for t in lcm_grid(T, steps).flip(0).tolist()]}
+
+
 class SD3Teacher(Teacher):
     """A frozen SD3/SD3.5 teacher (StableDiffusion3Pipeline)."""
 
@@ -206,12 +218,7 @@ class SD3Teacher(Teacher):
         extremes, shifted again: 1.0 -> 0.009 at 2 steps and shift 3) are not the ones an N-step student trained
         at (``lcm_grid(T, N)``: sigma = shift((t + 1) / T), 1.0 -> 0.75). From 2 steps on the call gives the
         grid's unshifted sigmas, which the scheduler shifts (``sigmas=``, a StableDiffusion3Pipeline argument)."""
-        if steps < 2:
-            return {}
-        from ..solvers import lcm_grid
-
-        T = self.schedule.num_train_timesteps
-        return {"sigmas": [float(t + 1) / T for t in lcm_grid(T, steps).flip(0).tolist()]}
+        return student_grid_call_kwargs(self.schedule.num_train_timesteps, steps)
 
     def reload_kwargs(self) -> dict:
         return dict(self.absent_parts)
