@@ -125,6 +125,31 @@ def test_regression_loss_is_zero_at_the_target_and_its_gradient_is_the_residual(
     torch.testing.assert_close(regression_loss(x, target, per_element=True) * 4 * 8 * 8, regression_loss(x, target))
 
 
+def test_generator_loss_weighs_the_gan_term_as_dmd2_does_whatever_the_latent_size():
+    """DMD2's generator loss is 0.5 * mean((x - sg(x - grad))^2) + w * gan: the GAN weight is set against the
+    distribution-matching loss averaged per latent element. Ours sums per sample; its gradient must be the
+    paper's times one constant, so that the ratio of the two terms (what --gan-weight means) is the paper's."""
+    from diffdistill.methods.score import generator_loss, inject_gradient
+
+    torch.manual_seed(0)
+    for shape in [(3, 4, 8, 8), (2, 16, 4, 4), (2, 4, 16, 16)]:
+        x = torch.randn(shape, requires_grad=True)
+        grad = torch.randn(shape)
+        w = torch.randn(x[0].numel())
+
+        def gan_of(x, w=w):
+            return torch.nn.functional.softplus(-(x.flatten(1) @ w)).mean()
+
+        ours = torch.autograd.grad(generator_loss(x, grad, gan_of(x), 3e-3), x)[0]
+        paper = torch.autograd.grad(0.5 * torch.nn.functional.mse_loss(x, (x - grad).detach()) + 3e-3 * gan_of(x), x)[0]
+        # one constant between them: the elements per sample, C * h * w
+        torch.testing.assert_close(ours, paper * x[0].numel(), rtol=1e-5, atol=1e-6)
+        # without the GAN term: the injected gradient, summed per sample, averaged over the batch
+        plain = torch.autograd.grad(generator_loss(x, grad), x)[0]
+        torch.testing.assert_close(plain, grad / shape[0])
+        torch.testing.assert_close(generator_loss(x, grad), inject_gradient(x, grad) / shape[0])
+
+
 def test_gan_losses():
     from diffdistill.methods.score import gan_generator_loss, gan_head_loss
 
