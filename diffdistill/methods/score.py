@@ -364,7 +364,7 @@ class ScoreDistillation(RegressionPoolState, DistillMethod):
         else:
             grad = sds_gradient(x, teacher, cond, uncond, self.cfg.teacher_guidance_scale, t, torch.randn_like(x),
                                 self.cfg.weighting)
-        loss = generator_loss(x, grad, gan, self.cfg.gan_weight)
+        loss = generator_loss(x, grad, gan, self.cfg.gan_weight if gan is not None else 0.0)  # SDS has no GAN term
         logs = {"grad_norm": grad.flatten(1).norm(dim=1).mean().detach()}
         if gan is not None:
             logs["gan"] = gan.detach()
