@@ -88,7 +88,8 @@ def test_shipped_yaml_presets_resolve_with_their_guidance(preset, tmp_path, caps
     teacher = {"digits/add.yaml": 1.5, "digits/dmd.yaml": 1.5, "digits/sds.yaml": 2.0, "sd15/add.yaml": 7.5,
                "sd15/dmd.yaml": 1.75, "sd3/add.yaml": 7.0, "sdxl/dmd.yaml": 8.0,
                "digits-flow/add.yaml": 1.5, "digits-flow/dmd.yaml": 1.5,
-               **{f"digits/dmd2{v}.yaml": 1.5 for v in ("", "_4step", "_gpu", "_4step_gpu")}}
+               "digits/dmd2.yaml": 1.25,  # benchmarks/dmd2_cpu_guidance: the real score at 1.25 beat 1.5
+               **{f"digits/dmd2{v}.yaml": 1.5 for v in ("_4step", "_gpu", "_4step_gpu")}}
     export = {"digits/lcm.yaml": 1.5, "digits/progressive.yaml": 1.5, "sd15/lcm.yaml": 8.0, "sd15/progressive.yaml": 7.5,
               "digits/kd_base.yaml": 1.5, "digits/kd_tiny.yaml": 1.5, "digits/kd_thin.yaml": 1.5,
               "digits/lcm_from_kd.yaml": 1.5}
