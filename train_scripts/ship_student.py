@@ -60,7 +60,7 @@ def card_table(report: dict, label: str) -> str:
 
 
 def write_card(folder: Path, name: str, preset: Path, run_dir: Path, table: str | None, report_path: str | None,
-               threads: str = "one thread") -> None:
+               threads: str = "one thread, beside other jobs") -> None:
     """README.md: what the student is, its recipe and training cost, how to load it, what was measured."""
     info = json.loads((folder / "diffdistill.json").read_text())
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -84,9 +84,8 @@ def write_card(folder: Path, name: str, preset: Path, run_dir: Path, table: str 
         f"- method: `{info['method']}`, intended steps: {steps}, recommended guidance_scale: {guidance:g}"
         + (" (baked in: any guidance_scale gives the same images)" if info.get("guidance_baked") else ""),
         f"- training: {summary.get('train_steps')} iterations, {summary.get('train_minutes')} minutes of training "
-        f"({summary.get('total_minutes')} in all) on a 2-core CPU, {threads}, beside "
-        f"other jobs; peak "
-        f"memory {summary.get('peak_memory_mb')} MB ({summary.get('memory_kind')}); stopped by "
+        f"({summary.get('total_minutes')} in all) on a 2-core CPU, {threads}; peak memory "
+        f"{summary.get('peak_memory_mb')} MB ({summary.get('memory_kind')}); stopped by "
         f"{summary.get('stopped_by')}",
         "- weights: stored in float16 (they load as float32); the table below was measured on this folder",
     ]
@@ -113,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--label", default=None, help="the report's line label of this student (default: --name)")
     p.add_argument("--card-only", action="store_true", help="rewrite only README.md of an already shipped folder")
     p.add_argument("--overwrite", action="store_true", help="replace an existing pipelines/NAME")
-    p.add_argument("--threads", default="one thread", help="how the run used the CPU, for the card")
+    p.add_argument("--threads", default="one thread, beside other jobs",
+                   help="how the run used the CPU, for the card (default: %(default)s)")
     args = p.parse_args(argv)
 
     dest = ROOT / "pipelines" / args.name
