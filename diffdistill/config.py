@@ -258,8 +258,13 @@ def build_dataclass(cls, values: dict, where: str):
     return cls(**kwargs)
 
 
-def load_yaml(path: str | Path) -> dict:
-    """Read a YAML preset (a mapping); one-line errors for a missing or malformed file."""
+def load_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
+    """Read a YAML preset (a mapping); one-line errors for a missing or malformed file.
+
+    A preset may name another as ``base: FILE.yaml`` (relative to its own folder): the base is read first and
+    this file's values override it, key by key within ``train:``, ``data:`` and ``method_args:`` (a variant
+    states only what it changes). The run's saved ``config.yaml`` is the resolved whole, with no ``base``.
+    """
     p = Path(path)
     require(p.is_file(), f"config file not found: {path}")
     try:
@@ -267,7 +272,23 @@ def load_yaml(path: str | Path) -> dict:
     except yaml.YAMLError as e:
         raise UserError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
     require(isinstance(data, dict), f"config file {path} must hold a mapping, got {type(data).__name__}")
-    return data
+    if "base" not in data:
+        return data
+    base = data.pop("base")
+    require(isinstance(base, str) and base.strip() != "",
+            f"'base:' in config file {path} must name a YAML file, got {base!r}")
+    base_path = (p.parent / base).resolve()
+    chain = (*_seen, p.resolve())
+    require(base_path not in chain, f"config file {path}: 'base: {base}' leads back to "
+                                    f"{base_path.name} (a cycle of bases)")
+    require(base_path.is_file(), f"config file {path}: its base {base} (= {base_path}) was not found")
+    merged = load_yaml(base_path, chain)
+    for key, value in data.items():
+        if key in (*SECTIONS, "method_args") and isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    return merged
 
 
 SECTIONS = {"train": TrainConfig, "data": DataConfig}

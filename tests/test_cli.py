@@ -201,6 +201,26 @@ def test_dry_run_prints_resolved_config(tiny_sd, tmp_path, capsys):
     assert not out.exists()
 
 
+def test_a_preset_states_only_what_it_changes_from_its_base(tiny_sd, tmp_path, capsys):
+    """``base:`` (relative to the preset's folder): the base's values, overridden key by key within each section by
+    the variant's, then by flags; a base can itself have a base."""
+    (tmp_path / "presets").mkdir()
+    (tmp_path / "root.yaml").write_text("method: lcm\nsteps: 4\ntrain:\n  learning_rate: 3.0e-5\n  batch_size: 8\n"
+                                        "method_args:\n  w_min: 1.5\n  w_max: 3.0\n")
+    (tmp_path / "presets" / "mid.yaml").write_text("base: ../root.yaml\ntrain:\n  batch_size: 4\n"
+                                                   "method_args:\n  w_max: 2.0\n")
+    (tmp_path / "presets" / "leaf.yaml").write_text("base: mid.yaml\nsteps: 2\ntrain:\n  max_train_steps: 7\n")
+    out = tmp_path / "never"
+    assert main(["distill", "--config", str(tmp_path / "presets" / "leaf.yaml"), "--teacher", tiny_sd,
+                 "--output", str(out), "--batch-size", "2", "--dry-run"]) == 0
+    resolved = json.loads(capsys.readouterr().out)["config"]
+    assert resolved["steps"] == 2 and resolved["method"] == "lcm"
+    assert {k: resolved["train"][k] for k in ("learning_rate", "batch_size", "max_train_steps")} == {
+        "learning_rate": 3e-5, "batch_size": 2, "max_train_steps": 7}
+    assert (resolved["method_args"]["w_min"], resolved["method_args"]["w_max"]) == (1.5, 2.0)
+    assert "base" not in resolved and not out.exists()
+
+
 def _bad_cases(tiny_sd: str, tmp: Path):
     notpipe = tmp / "notpipe"
     notpipe.mkdir(exist_ok=True)
@@ -214,6 +234,10 @@ def _bad_cases(tiny_sd: str, tmp: Path):
     unknown.write_text("train:\n  learnin_rate: 1\n")
     listed = tmp / "listed.yaml"
     listed.write_text("train:\n  - 1\n  - 2\n")
+    cycle_a, cycle_b, orphan = tmp / "cycle_a.yaml", tmp / "cycle_b.yaml", tmp / "orphan.yaml"
+    cycle_a.write_text("base: cycle_b.yaml\n")
+    cycle_b.write_text("base: cycle_a.yaml\nsteps: 2\n")
+    orphan.write_text("base: gone.yaml\n")
     former = tmp / "former.yaml"  # a preset written before --guidance-scale was split in two
     former.write_text("method: add\nmethod_args:\n  guidance_scale: 1.5\n")
     folders = {}
@@ -281,6 +305,8 @@ def _bad_cases(tiny_sd: str, tmp: Path):
         ([*d, "--config", str(tmp / "missing.yaml")], "config file not found"),
         ([*d, "--config", str(badyaml)], "not valid YAML"),
         ([*d, "--config", str(unknown)], "unknown option(s) learnin_rate in train settings"),
+        ([*d, "--config", str(cycle_a)], "'base: cycle_a.yaml' leads back to cycle_a.yaml (a cycle of bases)"),
+        ([*d, "--config", str(orphan)], "its base gone.yaml"),
         ([*d, "--gradient-checkpointing", "maybe"], "--gradient-checkpointing expects true/false, got 'maybe'"),
         ([*d, "--enable-xformers"], "--enable-xformers needs xformers"),
         ([*d, "--method", "progressive", "--steps", "3"], "nearest valid values: 2, 4"),

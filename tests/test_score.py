@@ -259,6 +259,37 @@ def test_sds_command_writes_result_and_progress(tiny_sd, tmp_path, capsys, monke
     assert not (tmp_path / "x").exists()
 
 
+def test_regression_targets_are_sampled_at_their_own_guidance(tiny_sd, tmp_path):
+    """--regression-guidance-scale: the pool's targets are the teacher's ODE samples of the stored noise at that
+    scale, whatever the real score's guidance; -1 (the default) samples them at --teacher-guidance-scale."""
+    from diffdistill.data import build_dataset
+    from diffdistill.methods import get_method
+    from diffdistill.teachers import load_teacher
+    from diffdistill.trainer import Trainer
+
+    reg = dict(regression_weight=1.0, regression_steps=2, regression_pairs=2, regression_batch_size=2)
+    targets = {}
+    for g in (-1.0, 3.0):
+        run = _run(tiny_sd, tmp_path / str(g), "dmd", teacher_guidance_scale=1.0, regression_guidance_scale=g, **reg)
+        spec = get_method("dmd")
+        method = spec.method_cls(spec.config_cls(**run.method_args), run)
+        trainer = Trainer(run, method, load_teacher(tiny_sd), tmp_path / str(g), build_dataset(run.data, 32))
+        trainer._setup()
+        method.loss("generator", next(trainer._batch_stream()), 0)
+        pool, teacher = method.pool, method.teacher
+        uncond = teacher.encode_prompts([""], pool.cond.device)
+        expected = teacher.sample(pool.cond, uncond, 1.0 if g == -1 else g, 2, pool.noise)
+        assert_close_at_scale(pool.target, expected, expected.abs().max())
+        targets[g] = (pool.noise, pool.cond, pool.target)
+    # the same noise and prompts (same seed), different targets: the scale reached the teacher
+    assert torch.equal(targets[-1.0][0], targets[3.0][0]) and torch.equal(targets[-1.0][1], targets[3.0][1])
+    assert (targets[-1.0][2] - targets[3.0][2]).abs().max() > 1e-3
+    assert "at guidance 3.0" in method.card_details()["regression"]
+    with pytest.raises(UserError, match="--regression-guidance-scale must be >= 0") as e:
+        DMDConfig(regression_guidance_scale=-0.5)
+    assert "\n" not in str(e.value)
+
+
 @pytest.mark.slow
 def test_dmd2_gan_term_trains_the_head_and_leaves_the_critic_alone_in_the_generator_step(tiny_sd, tmp_path):
     """With --gan-weight the critic phase trains the fake network and the head on real and generated

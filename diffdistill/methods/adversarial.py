@@ -248,7 +248,8 @@ class AdversarialDistillation(RegressionPoolState, DistillMethod):
             if self.cfg.regression_weight > 0:
                 c = self.cfg
                 pairs = self.pool.top_up_and_sample(self.teacher, prepared["cond"], prepared["uncond"],
-                                                    c.teacher_guidance_scale, c.regression_steps, c.regression_batch_size)
+                                                    c.regression_target_guidance(), c.regression_steps,
+                                                    c.regression_batch_size)
                 prepared = {**prepared, **dict(zip(("reg_noise", "reg_cond", "reg_target"), pairs))}
             # The generator's loss must not put gradients on the heads: freeze them, and bypass the
             # DDP/FSDP wrapper (its reducer would wait for gradients that never come).
@@ -271,5 +272,5 @@ class AdversarialDistillation(RegressionPoolState, DistillMethod):
                 "feature network": "frozen teacher UNet (LADD)" if c.feature_network == "teacher" else c.feature_network,
                 "losses": f"{c.adv_weight} x hinge adversarial + {c.distill_weight} x distillation "
                           f"(teacher guidance {c.teacher_guidance_scale}), R1 {c.r1_weight}"
-                          + (f" + {c.regression_weight} x regression onto {c.regression_pairs} teacher "
-                             f"{c.regression_steps}-step DDIM samples" if c.regression_weight else "")}
+                          + (f" + regression onto teacher ODE pairs ({c.regression_description()})"
+                             if c.regression_weight else "")}

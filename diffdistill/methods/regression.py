@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import opt
-from ..errors import require_at_least
+from ..errors import require, require_at_least
 
 
 @dataclass
@@ -23,10 +23,27 @@ class RegressionOptions:
                                       "once, from the prompts of the first training batches, then reused")
     regression_batch_size: int = opt(16, "pairs regressed per generator step (and added per step while the pool "
                                          "fills)")
+    regression_guidance_scale: float = opt(-1.0, "the teacher's classifier-free guidance scale of the regression "
+                                                 "targets (-1: --teacher-guidance-scale), e.g. targets at the "
+                                                 "sampler's guidance while the real score is read at a lower one")
 
     def __post_init__(self):
         require_at_least(self, 0, "regression_weight")
         require_at_least(self, 1, "regression_steps", "regression_pairs", "regression_batch_size")
+        require(self.regression_guidance_scale == -1 or self.regression_guidance_scale >= 0,
+                f"--regression-guidance-scale must be >= 0 (or -1: --teacher-guidance-scale), got "
+                f"{self.regression_guidance_scale}")
+
+    def regression_target_guidance(self) -> float:
+        """The guidance scale the pool's targets are sampled at (the configs mixing this in define
+        ``teacher_guidance_scale``)."""
+        return self.teacher_guidance_scale if self.regression_guidance_scale == -1 else self.regression_guidance_scale
+
+    def regression_description(self) -> str:
+        """The term as a model card states it."""
+        g = self.regression_target_guidance()
+        return (f"weight {self.regression_weight}, {self.regression_pairs} pairs of noise and the teacher's "
+                f"{self.regression_steps}-step DDIM sample at guidance {g}")
 
 
 class RegressionPool:

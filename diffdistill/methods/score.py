@@ -344,7 +344,7 @@ class ScoreDistillation(RegressionPoolState, DistillMethod):
         # Generator phase; the fake network is read without gradients and bypassing its DDP wrapper.
         reg = None
         if self.cfg.regression_weight > 0:
-            reg = self.pool.top_up_and_sample(self.teacher, cond, uncond, self.cfg.teacher_guidance_scale,
+            reg = self.pool.top_up_and_sample(self.teacher, cond, uncond, self.cfg.regression_target_guidance(),
                                               self.cfg.regression_steps, self.cfg.regression_batch_size)
             # the pairs start from pure noise: the student's first (top) timestep
             top = self.grid[:1].expand(reg[0].shape[0])
@@ -428,8 +428,7 @@ class ScoreDistillation(RegressionPoolState, DistillMethod):
         else:
             d["update"] = f"SDS, weighting {c.weighting}"
         if c.regression_weight:  # both methods train it (ScoreConfig)
-            d["regression"] = (f"weight {c.regression_weight}, {c.regression_pairs} pairs of noise and the "
-                               f"teacher's {c.regression_steps}-step DDIM sample")
+            d["regression"] = c.regression_description()
         return d
 
 
