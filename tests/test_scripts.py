@@ -93,7 +93,7 @@ def test_shipped_yaml_presets_resolve_with_their_guidance(preset, tmp_path, caps
                # with DMD's regression term too, at 2,600 steps (benchmarks/dmd_cpu: the shipped digits-dmd)
                "digits/dmd2.yaml": 1.25, "digits/dmd2_gpu.yaml": 1.25, "digits/dmd.yaml": 1.25,
                # the 4-step student with the regression term (targets at 1.5): 1.25 kept LCM's prompt accuracy
-               "digits/dmd2_4step_reg.yaml": 1.25,
+               "digits/dmd2_4step_reg.yaml": 1.25, "digits/dmd2_4step_reg_gpu.yaml": 1.25, "digits/dmd_gpu.yaml": 1.25,
                **{f"digits/dmd2{v}.yaml": 1.0 for v in ("_2step", "_4step", "_4step_gpu")}}
     export = {"digits/lcm.yaml": 1.5, "digits/progressive.yaml": 1.5, "sd15/lcm.yaml": 8.0, "sd15/progressive.yaml": 7.5,
               "digits/kd_base.yaml": 1.5, "digits/kd_tiny.yaml": 1.5, "digits/kd_thin.yaml": 1.5,
@@ -101,7 +101,8 @@ def test_shipped_yaml_presets_resolve_with_their_guidance(preset, tmp_path, caps
     name = preset.removeprefix("train_scripts/")
     assert cfg["method_args"].get("teacher_guidance_scale") == teacher.get(name)
     # the regression targets' own guidance: only where a preset sets it (else -1: the real score's)
-    assert cfg["method_args"].get("regression_guidance_scale", -1.0) == {"digits/dmd2_4step_reg.yaml": 1.5}.get(name, -1.0)
+    assert cfg["method_args"].get("regression_guidance_scale", -1.0) == {"digits/dmd2_4step_reg.yaml": 1.5,
+                                                                      "digits/dmd2_4step_reg_gpu.yaml": 1.5}.get(name, -1.0)
     assert cfg["export_guidance_scale"] == export.get(name, -1.0)
 
 

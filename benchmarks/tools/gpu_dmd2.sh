@@ -1,18 +1,27 @@
 #!/usr/bin/env bash
-# DMD2 on the GPU budget (issue #20), one device session of at most 8 minutes: trains dmd2_gpu.yaml (1 step) and
-# dmd2_4step_gpu.yaml (4 steps, backward simulation) side by side on the one GPU, each capped at 4.0 minutes of
+# DMD2 on the GPU budget (issue #20), one device session of at most 8 minutes: trains the GPU presets named in
+# PRESETS ("NAME:STEPS ...", train_scripts/digits/NAME_gpu.yaml; default dmd2_gpu.yaml at 1 step and
+# dmd2_4step_gpu.yaml at 4, backward simulation) side by side on the one GPU, each capped at 4.0 minutes of
 # training (--max-train-minutes); the teacher's cells (DPM-Solver++ trailing, 1/2/4/50 steps) are benchmarked
-# meanwhile into the bench cache; then one `diffdistill bench` of both exports and the teacher as
+# meanwhile into the bench cache; then one `diffdistill bench` of the exports and the teacher as
 # benchmarks/final/README.md does (N = 2,000, held-out seeds 100000.., the folders' own guidance: students 1.0,
-# teacher 1.5; paired intervals). OUT gets at most 8 small files: report.json, report.md, one grid per student,
-# both training logs, both run summaries (one file) and session.log. Every step is bounded by `timeout`.
+# teacher 1.5; paired intervals: each student at its steps against the teacher at 50, and at every step count
+# against the teacher at the same). OUT gets small files: report.json, report.md, one grid per student, each
+# training log, the run summaries (one file) and session.log. Every step is bounded by `timeout`.
 #   bash benchmarks/tools/gpu_dmd2.sh OUT            # on the GPU (wheels in .whl/ are installed first)
+#   PRESETS="dmd:1 dmd2_4step_reg:4" bash benchmarks/tools/gpu_dmd2.sh OUT   # the recipes with the regression term
 #   bash benchmarks/tools/gpu_dmd2.sh OUT --tiny     # the same plumbing on a CPU: 3 steps, batch 8, N = 100
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 out="${1:?usage: gpu_dmd2.sh OUT [--tiny]}"
 tiny="${2:-}"
 PY=${PYTHON:-python3}
+read -r -a presets <<< "${PRESETS:-dmd2:1 dmd2_4step:4}"
+names=(); labels=""; pipes=(); compare=""
+for p in "${presets[@]}"; do
+  names+=("${p%%:*}"); labels+="${labels:+,}${p%%:*}"
+  compare+="${compare:+,}${p%%:*}@${p##*:}:teacher@50,${p%%:*}:teacher"
+done
 W=${WORK:-/tmp/gpu_dmd2_runs}
 rm -rf "$W"; mkdir -p "$W" "$out"
 log="$W/session.log"
@@ -36,8 +45,9 @@ common=(--num-samples "$N" --seed 100000 --device "$DEVICE" --batch-size "$BENCH
 timeout 60 "$PY" benchmarks/tools/teacher_with_solver.py assets/digits-sd "$W/teacher-dpmpp" \
   "dpmsolver++:timestep_spacing=trailing" >> "$log" 2>&1 || stamp "teacher copy failed"
 
-stamp "training dmd2_gpu and dmd2_4step_gpu side by side (4.0 minutes of training each)"
-for name in dmd2 dmd2_4step; do
+stamp "training ${names[*]} (_gpu.yaml) side by side (4.0 minutes of training each)"
+for name in "${names[@]}"; do
+  pipes+=("$W/$name/pipeline")
   timeout "$TRAIN_S" "$PY" -m diffdistill.cli distill --config "train_scripts/digits/${name}_gpu.yaml" \
     --output "$W/$name" --benchmark-samples 0 --log-every 20 "${train[@]}" > "$W/$name.log" 2>&1 &
 done
@@ -49,30 +59,29 @@ if [ -z "$tiny" ]; then
 fi
 for job in $(jobs -p); do wait "$job"; echo "job $job rc=$?" >> "$log"; done
 stamp "training done"
-for name in dmd2 dmd2_4step; do
+for name in "${names[@]}"; do
   { echo "$name:"; tr '\r' '\n' < "$W/$name.log" | grep "\[diffdistill\]\|rror" | tail -4; } | tee -a "$log"
 done
 
-stamp "bench: both students and the teacher, N = $N"
-timeout "$BENCH_S" "$PY" -m diffdistill.cli bench "$W/dmd2/pipeline" "$W/dmd2_4step/pipeline" "$W/teacher-dpmpp" \
-  --labels dmd2,dmd2_4step,teacher --steps 1,2,4,50 --output "$W/bench" "${common[@]}" \
-  --compare "dmd2@1:teacher@50,dmd2@1:teacher@1,dmd2_4step@4:teacher@50,dmd2_4step@2:teacher@50,dmd2_4step@1:teacher@50,dmd2_4step:teacher,dmd2@1:dmd2_4step@1" \
+stamp "bench: the students and the teacher, N = $N"
+timeout "$BENCH_S" "$PY" -m diffdistill.cli bench "${pipes[@]}" "$W/teacher-dpmpp" \
+  --labels "$labels,teacher" --steps 1,2,4,50 --output "$W/bench" "${common[@]}" --compare "$compare" \
   > "$W/bench.log" 2>&1
 stamp "bench rc=$?"
 tail -5 "$W/bench.log" | tee -a "$log"
 
 cp "$W/bench/report.json" "$W/bench/report.md" "$out/" 2>/dev/null || stamp "no bench report"
-for pair in "dmd2:1" "dmd2_4step:4"; do
+for pair in "${presets[@]}"; do
   name=${pair%%:*} steps=${pair##*:}
   grid=$(ls "$W"/bench/grids/*_"${name}"_steps"${steps}".png 2>/dev/null | head -1)
   [ -n "$grid" ] && cp "$grid" "$out/grid_${name}_steps${steps}.png"
   cp "$W/$name/logs.csv" "$out/logs_${name}.csv" 2>/dev/null || stamp "no logs for $name"
 done
-"$PY" - "$W" "$out/summaries.json" <<'PYEOF' >> "$log" 2>&1
+"$PY" - "$W" "$out/summaries.json" "${names[@]}" <<'PYEOF' >> "$log" 2>&1
 import json, sys
 from pathlib import Path
 w = Path(sys.argv[1])
-runs = {n: json.loads((w / n / "summary.json").read_text()) for n in ("dmd2", "dmd2_4step") if (w / n / "summary.json").is_file()}
+runs = {n: json.loads((w / n / "summary.json").read_text()) for n in sys.argv[3:] if (w / n / "summary.json").is_file()}
 Path(sys.argv[2]).write_text(json.dumps(runs, indent=1))
 for n, s in runs.items():
     print(n, "steps", s.get("train_steps"), "minutes", s.get("train_minutes"), "stopped by", s.get("stopped_by"),
