@@ -170,6 +170,19 @@ def _run(teacher, out, method, **kw):
     return build_run_config({}, values)
 
 
+def _method_and_trainer(run, out):
+    """The run's method and a Trainer around it on the tiny teacher and the digits data, as ``run_distill`` builds
+    them (not yet set up)."""
+    from diffdistill.data import build_dataset
+    from diffdistill.methods import get_method
+    from diffdistill.teachers import load_teacher
+    from diffdistill.trainer import Trainer
+
+    spec = get_method(run.method)
+    method = spec.method_cls(spec.config_cls(**run.method_args), run)
+    return method, Trainer(run, method, load_teacher(run.teacher), out, build_dataset(run.data, 32))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["dmd", "sds"])
 def test_one_step_students_train_and_export(method, tiny_sd, tmp_path):
@@ -262,18 +275,11 @@ def test_sds_command_writes_result_and_progress(tiny_sd, tmp_path, capsys, monke
 def test_regression_targets_are_sampled_at_their_own_guidance(tiny_sd, tmp_path):
     """--regression-guidance-scale: the pool's targets are the teacher's ODE samples of the stored noise at that
     scale, whatever the real score's guidance; -1 (the default) samples them at --teacher-guidance-scale."""
-    from diffdistill.data import build_dataset
-    from diffdistill.methods import get_method
-    from diffdistill.teachers import load_teacher
-    from diffdistill.trainer import Trainer
-
     reg = dict(regression_weight=1.0, regression_steps=2, regression_pairs=2, regression_batch_size=2)
     targets = {}
     for g in (-1.0, 3.0):
         run = _run(tiny_sd, tmp_path / str(g), "dmd", teacher_guidance_scale=1.0, regression_guidance_scale=g, **reg)
-        spec = get_method("dmd")
-        method = spec.method_cls(spec.config_cls(**run.method_args), run)
-        trainer = Trainer(run, method, load_teacher(tiny_sd), tmp_path / str(g), build_dataset(run.data, 32))
+        method, trainer = _method_and_trainer(run, tmp_path / str(g))
         trainer._setup()
         method.loss("generator", next(trainer._batch_stream()), 0)
         pool, teacher = method.pool, method.teacher
@@ -296,15 +302,7 @@ def test_dmd2_gan_term_trains_the_head_and_leaves_the_critic_alone_in_the_genera
     features; the generator phase back-propagates through them to the generator only."""
     import copy
 
-    from diffdistill.data import build_dataset
-    from diffdistill.methods import get_method
-    from diffdistill.teachers import load_teacher
-    from diffdistill.trainer import Trainer
-
-    run = _run(tiny_sd, tmp_path, "dmd", gan_weight=0.5, max_train_steps=2)
-    spec = get_method("dmd")
-    method = spec.method_cls(spec.config_cls(**run.method_args), run)
-    trainer = Trainer(run, method, load_teacher(tiny_sd), tmp_path, build_dataset(run.data, 32))
+    method, trainer = _method_and_trainer(_run(tiny_sd, tmp_path, "dmd", gan_weight=0.5, max_train_steps=2), tmp_path)
     trainer._setup()
     batch = next(trainer._batch_stream())
     before = {name: copy.deepcopy(m.state_dict()) for name, m in method.trainable_modules().items()}
@@ -407,20 +405,13 @@ def test_backward_simulation_follows_the_exported_lcm_scheduler_step_for_step():
 def test_ttur_steps_the_fake_score_fake_updates_times_per_generator_update(tiny_sd, tmp_path):
     """Two time-scale: with --fake-updates 3 and 2 micro-batches, every optimiser step runs the fake score's phase
     3 times (each over both micro-batches) before the generator's once; each optimiser counts its own updates."""
-    from diffdistill.data import build_dataset
-    from diffdistill.methods import get_method
-    from diffdistill.teachers import load_teacher
-    from diffdistill.trainer import Trainer
-
     run = _run(tiny_sd, tmp_path, "dmd", fake_updates=3, max_train_steps=2, gradient_accumulation_steps=2,
                batch_size=1)
-    spec = get_method("dmd")
-    method = spec.method_cls(spec.config_cls(**run.method_args), run)
+    method, trainer = _method_and_trainer(run, tmp_path)
     assert method.phases == ("fake_score",) * 3 + ("generator",)
     calls = []
     loss = method.loss
     method.loss = lambda phase, batch, step: (calls.append(phase), loss(phase, batch, step))[1]
-    trainer = Trainer(run, method, load_teacher(tiny_sd), tmp_path, build_dataset(run.data, 32))
     trainer.fit()
     per_step = ["fake_score"] * 6 + ["generator"] * 2
     assert calls == per_step * 2

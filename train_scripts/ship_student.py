@@ -60,7 +60,7 @@ def card_table(report: dict, label: str) -> str:
 
 
 def write_card(folder: Path, name: str, preset: Path, run_dir: Path, table: str | None, report_path: str | None,
-               threads: str = "one thread, beside other jobs") -> None:
+               threads: str) -> None:
     """README.md: what the student is, its recipe and training cost, how to load it, what was measured."""
     info = json.loads((folder / "diffdistill.json").read_text())
     summary = json.loads((run_dir / "summary.json").read_text())
